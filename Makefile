@@ -1,0 +1,42 @@
+# dit-video: everything a researcher runs, as make targets. See README.md.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# CPU machines get the CPU build of torch (on these machines `torch==2.13.0` resolves to a local
+# CPU wheel); with an NVIDIA GPU, pip's default (CUDA) build. Override TORCH / TORCH_INDEX if needed,
+# e.g. `make install TORCH_INDEX=--index-url=https://download.pytorch.org/whl/cpu` elsewhere.
+HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
+TORCH ?= $(if $(HAS_GPU),torch>=2.6,torch==2.13.0)
+TORCH_INDEX ?=
+EXTRAS ?= dev,demo
+DEMO_DIR ?= outputs/demo
+
+.PHONY: install demo test test-slow lint bench clean
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)" $(TORCH_INDEX)
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	touch $@
+
+install: $(VENV)/.installed
+
+# End to end on the built-in synthetic data, on CPU: shards -> VAE -> DiT -> samples -> score.
+demo: install
+	$(PY) -m dit_video.demo --out $(DEMO_DIR)
+
+test: install
+	$(PY) -m pytest -q -m "not slow"
+
+test-slow: install
+	$(PY) -m pytest -q -m slow
+
+lint: install
+	$(PY) -m ruff check .
+
+bench: install
+	$(PY) benchmarks/model_step.py
+
+clean:
+	rm -rf $(VENV) outputs
