@@ -1,0 +1,159 @@
+"""Thin LightningModules: the pipeline in `training_step`, everything else injected.
+
+Model code (dit_video/model, dit_video/encoders) knows nothing about Lightning, devices or
+distribution; the objective (dit_video/diffusion) owns the noise. What remains here is the
+wiring: frozen encoders in, loss out, EMA, optimiser and what goes into a checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import lightning as L
+import torch
+from torch import nn
+
+from dit_video.encoders.base import clip_to_video
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4  # peak AdamW learning rate
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas; 0.95 for beta2 is common at scale
+    weight_decay: float = 0.0  # decoupled weight decay, applied to matrices only (not norms/biases)
+    warmup_steps: int = 100  # linear warmup from 0 to lr, then constant
+    eps: float = 1e-8  # AdamW epsilon
+
+    def validate(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"optim.lr={self.lr} must be > 0")
+        if self.warmup_steps < 0:
+            raise ValueError(f"optim.warmup_steps={self.warmup_steps} must be >= 0")
+
+
+def build_optimizer(module: nn.Module, cfg: OptimConfig):
+    """AdamW (decay on >= 2-D weights only) with linear warmup, as Lightning's optimizer dict."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    warmup = max(1, cfg.warmup_steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup))
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model, over all parameters in one fused call."""
+    ema_params = list(ema.parameters())
+    params = [p.detach() for p in model.parameters()]
+    torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+
+
+def ema_decay_at(step: int, decay: float) -> float:
+    """Warm the EMA up so short runs are not dominated by the random init (decay -> cfg value)."""
+    return min(decay, (1.0 + step) / (10.0 + step))
+
+
+class FrozenEncodersMixin:
+    """Frozen encoders are submodules (so they follow the device) but not training state:
+    they are excluded from the optimizer and from checkpoints, which record their identity."""
+
+    FROZEN = ("vae", "text_encoder")
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.split(".", 1)[0] in self.FROZEN]:
+            del state[key]
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        own = self.state_dict()
+        for key, value in own.items():
+            if key.split(".", 1)[0] in self.FROZEN:
+                checkpoint["state_dict"][key] = value
+
+
+class DiTModule(FrozenEncodersMixin, L.LightningModule):
+    """Text-to-video DiT training: clip -> latents -> noised -> DiT -> velocity loss."""
+
+    def __init__(self, dit, objective, vae, text_encoder, optim: OptimConfig, ema_decay: float, meta: dict):
+        super().__init__()
+        self.dit = dit
+        self.ema = copy.deepcopy(dit).requires_grad_(False).eval()
+        self.vae = vae.requires_grad_(False).eval()
+        self.text_encoder = text_encoder.requires_grad_(False).eval()
+        self.objective, self.optim_cfg, self.ema_decay = objective, optim, ema_decay
+        self.meta = meta  # JSON-able: configs and encoder identities, written into every checkpoint
+        self.skipped_total = 0
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for frozen in (self.ema, self.vae, self.text_encoder):
+            frozen.eval()  # Lightning calls .train() on the whole module; frozen parts stay in eval
+        return self
+
+    @torch.no_grad()
+    def encode_clips(self, clip: torch.Tensor) -> torch.Tensor:
+        """uint8 [B, T, H, W, 3] -> latents [B, C, T', H', W'] (frozen VAE)."""
+        return self.vae.encode(clip_to_video(clip)).float()
+
+    @torch.no_grad()
+    def encode_text(self, captions: list[str]):
+        text_emb, text_mask = self.text_encoder.encode(captions)
+        return text_emb.to(self.device), text_mask.to(self.device)
+
+    def drop_captions(self, captions: list[str]) -> list[str]:
+        """Replace each caption by "" with probability objective.caption_dropout (CFG training)."""
+        keep = torch.rand(len(captions)) >= self.objective.cfg.caption_dropout
+        return [c if k else "" for c, k in zip(captions, keep.tolist())]
+
+    def training_step(self, batch, batch_idx):
+        latents = self.encode_clips(batch["clip"])  # 1. pixels -> latents   [B, C, T', H', W']
+        captions = self.drop_captions(batch["caption"])  # 2. caption dropout for CFG
+        text_emb, text_mask = self.encode_text(captions)  # 3. text -> tokens      [B, L, D]
+        loss, aux = self.objective.loss(self.dit, latents, text_emb, text_mask)  # 4. noise, predict, MSE
+        self.log_step(loss, batch)
+        return loss
+
+    def log_step(self, loss, batch) -> None:
+        self.skipped_total += int(batch.get("skipped", 0))
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["caption"]))
+        self.log("data/skipped", float(self.skipped_total), batch_size=len(batch["caption"]))
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        ema_update(self.ema, self.dit, ema_decay_at(self.global_step, self.ema_decay))
+
+    def configure_optimizers(self):
+        return build_optimizer(self.dit, self.optim_cfg)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["dit_video"] = self.meta
+
+
+class VAEModule(L.LightningModule):
+    """Stage 1: train our causal video VAE on clips (reconstruction + KL)."""
+
+    def __init__(self, vae, loss_fn, optim: OptimConfig, meta: dict):
+        super().__init__()
+        self.vae, self.loss_fn, self.optim_cfg, self.meta = vae, loss_fn, optim, meta
+        self.skipped_total = 0
+
+    def training_step(self, batch, batch_idx):
+        video = clip_to_video(batch["clip"])  # [B, 3, T, H, W] in [-1, 1]
+        loss, logs = self.loss_fn(self.vae, video)
+        self.skipped_total += int(batch.get("skipped", 0))
+        bs = video.shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        for name, value in logs.items():
+            self.log(f"train/{name}", value, prog_bar=name == "psnr", batch_size=bs)
+        self.log("data/skipped", float(self.skipped_total), batch_size=bs)
+        return loss
+
+    def configure_optimizers(self):
+        return build_optimizer(self.vae, self.optim_cfg)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["dit_video"] = self.meta

