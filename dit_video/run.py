@@ -116,10 +116,14 @@ def build_data(cfg: DictConfig):
 
 
 def build_dit_config(model_node, in_channels: int, text_dim: int):
-    from dit_video.model import DiTConfig
+    """DiTConfig from conf/model/*.yaml: the named preset, then every field the YAML sets."""
+    from dit_video.model import DIT_PRESETS, DiTConfig
 
     values = OmegaConf.to_container(model_node, resolve=True)
-    values.update(in_channels=in_channels, text_dim=text_dim)
+    preset = values.pop("preset", None)
+    if preset is not None and preset not in DIT_PRESETS:
+        raise ConfigError(f"model.preset={preset!r} is unknown; known presets: {', '.join(DIT_PRESETS)}")
+    values = {**DIT_PRESETS.get(preset, {}), **values, "in_channels": in_channels, "text_dim": text_dim}
     return _dataclass_from(DiTConfig, values, "model")
 
 

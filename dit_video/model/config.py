@@ -1,0 +1,135 @@
+"""DiTConfig: every architectural choice of the video DiT, plus named size presets.
+
+The presets follow the DiT paper's widths and depths (S/B/L/XL with 2x2 spatial patches, one
+latent frame per patch, as Wan/HunyuanVideo/Open-Sora 1.3 do on 4x8x8 VAEs) and add a demo size
+for CPU and a ~1B model for a 4096-dim T5-XXL text encoder. `in_channels` and `text_dim` are not
+part of a preset: they come from the VAE and the text encoder the run uses.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .attention import BACKENDS
+
+
+@dataclass
+class DiTConfig:
+    in_channels: int  # latent channels C (filled by the caller from the VAE's latent_channels)
+    text_dim: int  # D of text_emb (filled by the caller from the text encoder's dim)
+    out_channels: int | None = None  # channels predicted per latent voxel; None = in_channels
+    hidden_size: int = 384  # transformer width D
+    depth: int = 12  # number of DiT blocks
+    num_heads: int = 6  # attention heads; head_dim = hidden_size // num_heads
+    mlp_ratio: float = 4.0  # MLP hidden width = mlp_ratio * hidden_size
+    patch_size: tuple[int, int, int] = (1, 2, 2)  # (pt, ph, pw) latent voxels per token along T, H, W
+    qk_norm: bool = True  # RMSNorm on q and k per head (training stability at scale; SD3, Wan, Hunyuan)
+    rope_theta: float = 10000.0  # base of the 3D rotary position embedding frequencies
+    rope_axes_dim: tuple[int, int, int] | None = None  # (dt, dh, dw) split of head_dim; None = automatic
+    freq_dim: int = 256  # size of the sinusoidal timestep embedding fed to the timestep MLP
+    time_scale: float = 1000.0  # t in [0, 1] is multiplied by this before the sinusoidal embedding
+    norm_eps: float = 1e-6  # epsilon of every LayerNorm / RMSNorm in the model
+    attn_backend: str = "sdpa"  # attention implementation: "sdpa" (fused torch kernel) or "math" (reference)
+
+    def __post_init__(self) -> None:
+        # Hydra/YAML hands us lists; tuples keep the config hashable and comparable.
+        self.patch_size = tuple(self.patch_size)
+        if self.rope_axes_dim is not None:
+            self.rope_axes_dim = tuple(self.rope_axes_dim)
+
+    @property
+    def out_dim(self) -> int:
+        """Channels the model predicts (out_channels, or in_channels when unset)."""
+        return self.in_channels if self.out_channels is None else self.out_channels
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def patch_dim(self) -> int:
+        """Values in one patch: C * pt * ph * pw (keep well below hidden_size, see REFERENCES)."""
+        return self.in_channels * math.prod(self.patch_size)
+
+    @property
+    def axes_dim(self) -> tuple[int, int, int]:
+        """(dt, dh, dw): how RoPE splits head_dim over the t, h, w axes (all even, summing to head_dim)."""
+        if self.rope_axes_dim is not None:
+            return self.rope_axes_dim
+        # Spatial axes get 3/8 of the head dim each and time the rest (64 -> (16, 24, 24),
+        # 128 -> (32, 48, 48)): frames per clip are few compared with H'*W' positions.
+        d_spatial = 2 * (3 * self.head_dim // 16)
+        return (self.head_dim - 2 * d_spatial, d_spatial, d_spatial)
+
+    def grid(self, latent_shape: tuple[int, int, int]) -> tuple[int, int, int]:
+        """Token grid (T', H', W') for latents of size (T, H, W) (assumes validate(latent_shape) passed)."""
+        return tuple(n // p for n, p in zip(latent_shape, self.patch_size, strict=True))
+
+    def validate(self, latent_shape: tuple[int, int, int] | None = None) -> None:
+        """Raise ValueError naming the field and the fix; pass latent_shape (T, H, W) to check patching."""
+        for name in ("in_channels", "text_dim", "hidden_size", "depth", "num_heads", "freq_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"model.{name}={value!r} must be a positive integer")
+        if self.out_channels is not None and self.out_channels <= 0:
+            raise ValueError(
+                f"model.out_channels={self.out_channels} must be positive, or null to use in_channels"
+            )
+        if self.mlp_ratio <= 0:
+            raise ValueError(f"model.mlp_ratio={self.mlp_ratio} must be positive")
+        if self.freq_dim % 2:
+            raise ValueError(f"model.freq_dim={self.freq_dim} must be even (half sines, half cosines)")
+        if self.rope_theta <= 0 or self.time_scale <= 0 or self.norm_eps <= 0:
+            raise ValueError("model.rope_theta, model.time_scale and model.norm_eps must be positive")
+        if self.attn_backend not in BACKENDS:
+            raise ValueError(
+                f"model.attn_backend={self.attn_backend!r} is unknown; pick one of {', '.join(BACKENDS)}"
+            )
+        if len(self.patch_size) != 3 or any(not isinstance(p, int) or p < 1 for p in self.patch_size):
+            raise ValueError(
+                f"model.patch_size={self.patch_size} must be three positive integers (pt, ph, pw)"
+            )
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"model.hidden_size={self.hidden_size} is not divisible by model.num_heads={self.num_heads}; "
+                "pick num_heads dividing hidden_size (head_dim 64 is usual)"
+            )
+        if self.head_dim % 2:
+            raise ValueError(
+                f"model.hidden_size/num_heads gives an odd head_dim={self.head_dim}; RoPE rotates pairs of "
+                "channels, so pick hidden_size and num_heads with an even head_dim"
+            )
+        axes = self.axes_dim
+        if len(axes) != 3 or sum(axes) != self.head_dim or any(d < 0 or d % 2 for d in axes):
+            raise ValueError(
+                f"model.rope_axes_dim={tuple(axes)} must be three even non-negative sizes summing to "
+                f"head_dim={self.head_dim}; fix them or set rope_axes_dim=null for the automatic split"
+            )
+        if latent_shape is not None:
+            if len(latent_shape) != 3:
+                raise ValueError(f"latent_shape={tuple(latent_shape)} must be (T, H, W) of the latents")
+            for axis, n, p in zip("THW", latent_shape, self.patch_size, strict=True):
+                if n % p:
+                    raise ValueError(
+                        f"model.patch_size={self.patch_size} does not divide latent size (T,H,W)="
+                        f"{tuple(latent_shape)} along {axis}; pick a patch size dividing it or change data.size"
+                    )
+
+
+# Named sizes. Widths/depths/heads of S, B, L, XL are the DiT paper's (Peebles & Xie 2023, Table 1).
+DIT_PRESETS: dict[str, dict] = {
+    "demo": dict(hidden_size=192, depth=6, num_heads=6, patch_size=(1, 2, 2)),  # CPU-sized, head_dim 32
+    "S/2": dict(hidden_size=384, depth=12, num_heads=6, patch_size=(1, 2, 2)),
+    "B/2": dict(hidden_size=768, depth=12, num_heads=12, patch_size=(1, 2, 2)),
+    "L/2": dict(hidden_size=1024, depth=24, num_heads=16, patch_size=(1, 2, 2)),
+    "XL/2": dict(hidden_size=1152, depth=28, num_heads=16, patch_size=(1, 2, 2)),
+    "1B": dict(hidden_size=1536, depth=28, num_heads=24, patch_size=(1, 2, 2)),  # head_dim 64
+}
+
+
+def dit_config(preset: str, **overrides) -> DiTConfig:
+    """DiTConfig of a named preset with fields overridden (in_channels and text_dim are required)."""
+    if preset not in DIT_PRESETS:
+        raise ValueError(f"model preset {preset!r} is unknown; known presets: {', '.join(DIT_PRESETS)}")
+    return DiTConfig(**{**DIT_PRESETS[preset], **overrides})
