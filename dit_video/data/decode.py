@@ -1,0 +1,158 @@
+"""mp4 bytes -> clip: frame sampling at a target fps, two decoder backends, resize and crop.
+
+Backends: decord (fast random access; its wheel bundles FFmpeg 4.1) and PyAV (always present,
+the reference). "auto" prefers decord and falls back to PyAV when decord is missing or cannot
+open the bytes. The decord reader is created from a BytesIO inside the calling process: a
+reader made in the parent and inherited by DataLoader workers deadlocks (decord #294).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+
+import av
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+try:
+    import decord
+except ImportError:  # decord has wheels for x86-64 Linux only
+    decord = None
+
+BACKENDS = ("auto", "decord", "pyav")
+
+
+class SampleError(Exception):
+    """One sample cannot be used. `reason` is a short fixed label the loader counts skips by
+    ("decode_error", "too_short", ...); `detail` is free text for the log line."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+def frame_indices(num_source: int, source_fps: float, num_frames: int, fps: float | None,
+                  rng: np.random.Generator) -> np.ndarray:
+    """int64 [T] source frame indices: `num_frames` frames spaced source_fps / fps apart
+    (consecutive if fps is None) from a start drawn uniformly with `rng`.
+
+    A target fps above the source fps repeats frames rather than failing, so a 24 fps config
+    still reads a 15 fps video. Raises SampleError("too_short") if the span does not fit.
+    """
+    stride = 1.0 if fps is None else source_fps / fps
+    offsets = np.round(np.arange(num_frames) * stride).astype(np.int64)  # [T]
+    max_start = num_source - 1 - int(offsets[-1])
+    if max_start < 0:
+        need = f"{int(offsets[-1]) + 1} frames" + ("" if fps is None else f" at {source_fps:g} fps")
+        raise SampleError("too_short", f"video has {num_source} frames, clip needs {need}")
+    start = int(rng.integers(0, max_start + 1))
+    return start + offsets
+
+
+def _decode_decord(data: bytes, num_frames: int, fps: float | None, rng: np.random.Generator) -> np.ndarray:
+    # num_threads=1: DataLoader workers already give one decode per core.
+    reader = decord.VideoReader(io.BytesIO(data), num_threads=1)
+    indices = frame_indices(len(reader), reader.get_avg_fps(), num_frames, fps, rng)
+    return reader.get_batch(indices.tolist()).asnumpy()  # [T, H, W, 3]
+
+
+def _decode_pyav(data: bytes, num_frames: int, fps: float | None, rng: np.random.Generator) -> np.ndarray:
+    with av.open(io.BytesIO(data), mode="r") as container:
+        if not container.streams.video:
+            raise SampleError("decode_error", "no video stream in the container")
+        stream = container.streams.video[0]
+        stream.codec_context.thread_count = 1  # as for decord: one decode per worker process
+        source_fps = float(stream.average_rate or stream.guessed_rate or 0)
+        if source_fps <= 0:
+            raise SampleError("decode_error", "video stream has no frame rate")
+        if stream.frames > 0:
+            # mp4 records the frame count in its index: decode only up to the last needed frame.
+            indices = frame_indices(stream.frames, source_fps, num_frames, fps, rng)
+            wanted = set(indices.tolist())
+            by_index, i = {}, -1
+            for i, frame in enumerate(container.decode(stream)):
+                if i in wanted:
+                    by_index[i] = frame.to_ndarray(format="rgb24")
+                if i >= indices[-1]:
+                    break
+            if len(by_index) < len(wanted):
+                raise SampleError("decode_error", f"stream ended at frame {i}, index says {stream.frames} frames")
+            return np.stack([by_index[i] for i in indices.tolist()])  # [T, H, W, 3]
+        # No frame count in the container: decode everything, then sample.
+        frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
+        indices = frame_indices(len(frames), source_fps, num_frames, fps, rng)
+        return np.stack([frames[i] for i in indices.tolist()])  # [T, H, W, 3]
+
+
+def decode_clip(data: bytes, num_frames: int, fps: float | None, rng: np.random.Generator,
+                backend: str = "auto") -> np.ndarray:
+    """Decode `num_frames` frames sampled at `fps` from mp4 bytes -> uint8 [T, H, W, 3].
+
+    Raises SampleError("decode_error" | "too_short", detail) for bad or short videos and
+    nothing else for bad data; a wrong `backend` name is a ValueError (a config bug, not data).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"decoder {backend!r} is not one of {BACKENDS}")
+    if backend == "decord" and decord is None:
+        raise ValueError("decoder 'decord' is not installed here; use decoder 'auto' or 'pyav'")
+    if num_frames < 1:
+        raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+
+    if backend in ("auto", "decord") and decord is not None:
+        state = rng.bit_generator.state  # so a PyAV retry draws the same start as decord would have
+        try:
+            return _decode_decord(data, num_frames, fps, rng)
+        except SampleError:
+            raise  # too short is a property of the video, not of the backend
+        except Exception as exc:  # decord raises DECORDError, RuntimeError, ... for bad bytes
+            if backend == "decord":
+                raise SampleError("decode_error", f"decord: {type(exc).__name__}: {_first_line(exc)}") from None
+            rng.bit_generator.state = state
+    try:
+        return _decode_pyav(data, num_frames, fps, rng)
+    except SampleError:
+        raise
+    except Exception as exc:  # av.error.InvalidDataError, EOFError, ValueError, ...
+        raise SampleError("decode_error", f"pyav: {type(exc).__name__}: {_first_line(exc)}") from None
+
+
+def _first_line(exc: Exception, limit: int = 200) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:limit] if text else ""
+
+
+def resize_crop(frames: np.ndarray | torch.Tensor, size: tuple[int, int], mode: str = "center",
+                rng: np.random.Generator | None = None) -> np.ndarray | torch.Tensor:
+    """uint8 [T, H, W, 3] -> uint8 [T, h, w, 3] for size = (h, w); same array type as the input.
+
+    Scales so the frame just covers (h, w) (preserving aspect ratio; bilinear with antialias
+    so downscaling does not alias), then crops the centre or, with mode="random", a crop
+    placed with `rng`. A frame already of size (h, w) is returned untouched.
+    """
+    if mode not in ("center", "random"):
+        raise ValueError(f"crop mode {mode!r} is not 'center' or 'random'")
+    if mode == "random" and rng is None:
+        raise ValueError("crop mode 'random' needs an rng")
+    out_h, out_w = size
+    is_numpy = isinstance(frames, np.ndarray)
+    clip = torch.from_numpy(frames) if is_numpy else frames
+    _, in_h, in_w, _ = clip.shape
+    if (in_h, in_w) == (out_h, out_w):
+        return frames
+
+    scale = max(out_h / in_h, out_w / in_w)
+    # ceil so rounding never leaves the scaled frame a pixel short of the crop.
+    new_h, new_w = max(out_h, math.ceil(in_h * scale - 1e-6)), max(out_w, math.ceil(in_w * scale - 1e-6))
+    if (new_h, new_w) != (in_h, in_w):
+        x = clip.permute(0, 3, 1, 2).float()  # [T, 3, H, W]
+        x = F.interpolate(x, size=(new_h, new_w), mode="bilinear", antialias=True, align_corners=False)
+        clip = x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)  # [T, new_h, new_w, 3]
+    if mode == "center":
+        top, left = (new_h - out_h) // 2, (new_w - out_w) // 2
+    else:
+        top, left = int(rng.integers(0, new_h - out_h + 1)), int(rng.integers(0, new_w - out_w + 1))
+    clip = clip[:, top:top + out_h, left:left + out_w].contiguous()  # [T, h, w, 3]
+    return clip.numpy() if is_numpy else clip
