@@ -14,7 +14,10 @@ import lightning as L
 import torch
 from torch import nn
 
+from dit_video.diffusion import loss_by_t_bucket, t_bucket_names
 from dit_video.encoders.base import clip_to_video
+
+T_BUCKETS = 10  # the loss-vs-t curve is logged in this many equal buckets of t
 
 
 @dataclass
@@ -87,6 +90,8 @@ class DiTModule(FrozenEncodersMixin, L.LightningModule):
         self.objective, self.optim_cfg, self.ema_decay = objective, optim, ema_decay
         self.meta = meta  # JSON-able: configs and encoder identities, written into every checkpoint
         self.skipped_total = 0
+        self.t_bucket_sum = torch.zeros(T_BUCKETS, dtype=torch.float64)  # per-bucket loss accumulators
+        self.t_bucket_count = torch.zeros(T_BUCKETS, dtype=torch.long)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -114,13 +119,26 @@ class DiTModule(FrozenEncodersMixin, L.LightningModule):
         captions = self.drop_captions(batch["caption"])  # 2. caption dropout for CFG
         text_emb, text_mask = self.encode_text(captions)  # 3. text -> tokens      [B, L, D]
         loss, aux = self.objective.loss(self.dit, latents, text_emb, text_mask)  # 4. noise, predict, MSE
-        self.log_step(loss, batch)
+        self.log_step(loss, aux, batch)
         return loss
 
-    def log_step(self, loss, batch) -> None:
+    def log_step(self, loss, aux, batch) -> None:
+        bs = len(batch["caption"])
         self.skipped_total += int(batch.get("skipped", 0))
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["caption"]))
-        self.log("data/skipped", float(self.skipped_total), batch_size=len(batch["caption"]))
+        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        self.log("data/skipped", float(self.skipped_total), batch_size=bs)
+        # Loss against diffusion time, pooled over each logging interval (one batch spread over
+        # ten buckets is too noisy to read): shows where in t training is hard.
+        means, counts = loss_by_t_bucket(aux["t"], aux["mse_per_sample"], T_BUCKETS)
+        self.t_bucket_sum += torch.nan_to_num(means.double().cpu()) * counts.cpu()
+        self.t_bucket_count += counts.cpu()
+        if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
+            pooled = self.t_bucket_sum / self.t_bucket_count.clamp(min=1)
+            for name, mean, count in zip(t_bucket_names(T_BUCKETS), pooled.tolist(), self.t_bucket_count.tolist()):
+                if count > 0:
+                    self.log(name, mean, on_step=True, on_epoch=False)
+            self.t_bucket_sum.zero_()
+            self.t_bucket_count.zero_()
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         ema_update(self.ema, self.dit, ema_decay_at(self.global_step, self.ema_decay))

@@ -49,8 +49,9 @@ def _dit_config(values: dict):
 class Pipeline:
     """A trained DiT with its frozen VAE and text encoder, ready to sample."""
 
-    def __init__(self, dit, vae, text_encoder, meta: dict):
+    def __init__(self, dit, vae, text_encoder, objective, meta: dict):
         self.dit, self.vae, self.text_encoder, self.meta = dit, vae, text_encoder, meta
+        self.objective = objective  # the training objective fixes what the DiT predicts
         self.latent_shape = tuple(meta["latent_shape"])  # (T', H', W')
         data = meta["config"]["data"]
         self.fps = float(data.get("fps") or 8)
@@ -59,7 +60,7 @@ class Pipeline:
     def from_checkpoint(cls, path: str | Path, weights: str = "ema") -> Pipeline:
         from dit_video.encoders.vae import load_vae
         from dit_video.model import DiT
-        from dit_video.run import build_text_encoder
+        from dit_video.run import build_objective_from, build_text_encoder
         from omegaconf import OmegaConf
 
         if weights not in ("ema", "raw"):
@@ -74,7 +75,7 @@ class Pipeline:
         cfg = OmegaConf.create(meta["config"])
         vae = load_vae(str(cfg.vae.path))
         text_encoder = build_text_encoder(cfg)
-        return cls(dit, vae, text_encoder, meta)
+        return cls(dit, vae, text_encoder, build_objective_from(cfg), meta)
 
     @torch.no_grad()
     def generate(
@@ -108,6 +109,7 @@ class Pipeline:
                 latents = sample(
                     self.dit, text_emb, text_mask, tuple(noise.shape), null_text_emb=null_emb,
                     null_text_mask=null_mask, sampler=sampler, steps=steps, cfg=cfg, shift=shift, noise=noise,
+                    objective=self.objective,
                 )
                 video = self.vae.decode(latents)  # [b, 3, T, H, W]
             clips.append(video_to_clip(video.float()))

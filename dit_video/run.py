@@ -127,6 +127,16 @@ def build_dit_config(model_node, in_channels: int, text_dim: int):
     return _dataclass_from(DiTConfig, values, "model")
 
 
+def build_objective_from(cfg: DictConfig):
+    """The objective named by objective.kind (rectified flow by default), config errors as ConfigError."""
+    from dit_video.diffusion import build_objective
+
+    try:
+        return build_objective(OmegaConf.to_container(cfg.objective, resolve=True))
+    except (ValueError, TypeError) as err:
+        raise ConfigError(str(err)) from None
+
+
 def build_text_encoder(cfg: DictConfig):
     from dit_video.encoders.text import HFTextEncoder
 
@@ -216,7 +226,6 @@ def _hydra_run_dir() -> str:
 
 
 def train_dit(cfg: DictConfig, run_dir: Path) -> None:
-    from dit_video.diffusion import FlowConfig, RectifiedFlow
     from dit_video.encoders.vae import load_vae
     from dit_video.lit_module import DiTModule, OptimConfig
     from dit_video.model import DiT
@@ -233,7 +242,7 @@ def train_dit(cfg: DictConfig, run_dir: Path) -> None:
         dit_cfg.validate(latent_shape)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    objective = RectifiedFlow(_dataclass_from(FlowConfig, cfg.objective, "objective"))
+    objective = build_objective_from(cfg)
     optim = _dataclass_from(OptimConfig, cfg.optim, "optim")
     optim.validate()
     meta = run_metadata(cfg) | {
