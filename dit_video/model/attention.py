@@ -1,8 +1,13 @@
 """The one attention function every block calls; backends plug in behind the `backend` argument.
 
-"sdpa" is torch's scaled_dot_product_attention (fused flash kernel on CPU and GPU). "math" is the
-plain softmax(q k^T / sqrt(d)) v reference, computed in float32, that faster backends are tested
-against. A later flash-attn backend goes here too, never into the blocks.
+- "sdpa": torch's scaled_dot_product_attention (fused flash kernel on CPU and GPU). The default.
+- "math": the plain softmax(q k^T / sqrt(d)) v reference, computed in float32, that faster backends
+  are tested against.
+- "flash": flash-attn 2's varlen kernel (Dao 2023) when the package is installed and q is a
+  CUDA fp16/bf16 tensor; elsewhere (CPU, fp32, no flash-attn) it runs "sdpa", so one config trains
+  on a GPU node and runs its tests on a laptop. Key-padding masks (text) become cu_seqlens: the
+  padded keys are dropped instead of masked, which is where varlen beats a masked dense kernel.
+  Masks that are not key-padding masks (e.g. block-diagonal packing masks given densely) go to sdpa.
 """
 
 from __future__ import annotations
@@ -12,7 +17,12 @@ import math
 import torch
 import torch.nn.functional as F
 
-BACKENDS = ("sdpa", "math")
+try:  # flash-attn needs CUDA to build; it is an optional extra (pip install .[gpu])
+    from flash_attn import flash_attn_varlen_func
+except ImportError:  # pragma: no cover - depends on the machine
+    flash_attn_varlen_func = None
+
+BACKENDS = ("sdpa", "math", "flash")
 
 
 def attention(
@@ -28,7 +38,52 @@ def attention(
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     if backend == "math":
         return _math_attention(q, k, v, mask)
+    if backend == "flash":
+        if flash_can_run(q) and is_key_padding_mask(mask, q.shape[0], k.shape[2]):
+            return _flash_varlen_attention(q, k, v, mask)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     raise ValueError(f"attention backend {backend!r} is unknown; known: {', '.join(BACKENDS)}")
+
+
+def flash_can_run(q: torch.Tensor) -> bool:
+    """flash-attn is importable and q is a CUDA half-precision tensor (its only supported inputs)."""
+    return flash_attn_varlen_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+
+
+def is_key_padding_mask(mask: torch.Tensor | None, batch: int, n_k: int) -> bool:
+    """True for None or a [B, 1, 1, Nk] mask: the only masks the varlen path expresses exactly."""
+    return mask is None or (mask.dim() == 4 and mask.shape[1] == 1 and mask.shape[2] == 1 and mask.shape[3] == n_k
+                            and mask.shape[0] in (1, batch))
+
+
+def _cu_seqlens(lengths: torch.Tensor) -> torch.Tensor:
+    """Per-sequence lengths [B] -> cumulative offsets [B+1] int32 (flash-attn's varlen index)."""
+    return F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+
+
+def _flash_varlen_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+) -> torch.Tensor:
+    B, H, Nq, hd = q.shape
+    Nk = k.shape[2]
+    q_packed = q.transpose(1, 2).reshape(B * Nq, H, hd)  # [B*Nq, H, hd]: every query is real
+    k_tok, v_tok = k.transpose(1, 2).reshape(B * Nk, H, hd), v.transpose(1, 2).reshape(B * Nk, H, hd)
+    if mask is None:
+        keep = torch.ones(B, Nk, dtype=torch.bool, device=q.device)
+    else:
+        keep = mask[:, 0, 0, :].expand(B, Nk)  # [B, Nk]
+    index = keep.reshape(-1).nonzero().squeeze(1)  # positions of real keys in [B*Nk]
+    k_packed, v_packed = k_tok.index_select(0, index), v_tok.index_select(0, index)  # [total_k, H, hd]
+    k_lens = keep.sum(1)  # [B]
+    q_lens = torch.full((B,), Nq, dtype=k_lens.dtype, device=q.device)
+    out = flash_attn_varlen_func(
+        q_packed, k_packed, v_packed,
+        cu_seqlens_q=_cu_seqlens(q_lens), cu_seqlens_k=_cu_seqlens(k_lens),
+        max_seqlen_q=Nq, max_seqlen_k=int(k_lens.max()),
+        softmax_scale=1.0 / math.sqrt(hd),
+    )  # [B*Nq, H, hd]
+    # A sample with no real key: flash-attn returns zeros for an empty segment, as sdpa does.
+    return out.reshape(B, Nq, H, hd).transpose(1, 2)  # [B, H, Nq, hd]
 
 
 def _math_attention(

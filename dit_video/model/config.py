@@ -27,6 +27,9 @@ class DiTConfig:
     qk_norm: bool = True  # RMSNorm on q and k per head (training stability at scale; SD3, Wan, Hunyuan)
     rope_theta: float = 10000.0  # base of the 3D rotary position embedding frequencies
     rope_axes_dim: tuple[int, int, int] | None = None  # (dt, dh, dw) split of head_dim; None = automatic
+    # Positions along (t, h, w) are divided by these before RoPE (position interpolation, Chen et al.
+    # 2023): train on T frames, then sample 2T with rope_scale (2, 1, 1) and stay in the trained range.
+    rope_scale: tuple[float, float, float] = (1.0, 1.0, 1.0)
     freq_dim: int = 256  # size of the sinusoidal timestep embedding fed to the timestep MLP
     time_scale: float = 1000.0  # t in [0, 1] is multiplied by this before the sinusoidal embedding
     norm_eps: float = 1e-6  # epsilon of every LayerNorm / RMSNorm in the model
@@ -37,6 +40,7 @@ class DiTConfig:
         self.patch_size = tuple(self.patch_size)
         if self.rope_axes_dim is not None:
             self.rope_axes_dim = tuple(self.rope_axes_dim)
+        self.rope_scale = tuple(float(s) for s in self.rope_scale)
 
     @property
     def out_dim(self) -> int:
@@ -82,6 +86,8 @@ class DiTConfig:
             raise ValueError(f"model.freq_dim={self.freq_dim} must be even (half sines, half cosines)")
         if self.rope_theta <= 0 or self.time_scale <= 0 or self.norm_eps <= 0:
             raise ValueError("model.rope_theta, model.time_scale and model.norm_eps must be positive")
+        if len(self.rope_scale) != 3 or any(s <= 0 for s in self.rope_scale):
+            raise ValueError(f"model.rope_scale={self.rope_scale} must be three positive factors (t, h, w)")
         if self.attn_backend not in BACKENDS:
             raise ValueError(
                 f"model.attn_backend={self.attn_backend!r} is unknown; pick one of {', '.join(BACKENDS)}"
@@ -125,6 +131,12 @@ DIT_PRESETS: dict[str, dict] = {
     "L/2": dict(hidden_size=1024, depth=24, num_heads=16, patch_size=(1, 2, 2)),
     "XL/2": dict(hidden_size=1152, depth=28, num_heads=16, patch_size=(1, 2, 2)),
     "1B": dict(hidden_size=1536, depth=28, num_heads=24, patch_size=(1, 2, 2)),  # head_dim 64
+    # Frontier sizes, head_dim 128 as in Wan / HunyuanVideo. A block costs 16 D^2 parameters at
+    # mlp_ratio 4 (self-attn 4, cross-attn 4, MLP 8).
+    "3B": dict(hidden_size=2560, depth=28, num_heads=20, patch_size=(1, 2, 2)),
+    "7B": dict(hidden_size=3584, depth=36, num_heads=28, patch_size=(1, 2, 2)),
+    # Wan2.1-14B's widths: dim 5120, 40 layers, 40 heads, FFN 13824 (mlp_ratio 2.7).
+    "14B": dict(hidden_size=5120, depth=40, num_heads=40, mlp_ratio=13824 / 5120, patch_size=(1, 2, 2)),
 }
 
 

@@ -88,7 +88,9 @@ class DiT(nn.Module):
 
         # 1. patchify + embed; 3D RoPE table built once per forward and shared by every block
         tokens = self.x_embedder(x)  # [B, N, D]
-        rope = rope_table(grid, cfg.axes_dim, cfg.rope_theta, device=x.device)  # ([N, hd], [N, hd])
+        rope = rope_table(
+            grid, cfg.axes_dim, cfg.rope_theta, device=x.device, scale=cfg.rope_scale
+        )  # ([N, hd], [N, hd])
 
         # 2. conditioning: timestep -> c and the shared adaLN terms (per sample); text -> width D
         c = self.t_embedder(t)  # [B, D]

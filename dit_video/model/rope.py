@@ -28,13 +28,16 @@ def rope_table(
     theta: float,
     device: torch.device | None = None,
     offset: tuple[int, int, int] = (0, 0, 0),
+    scale: tuple[float, float, float] = (1.0, 1.0, 1.0),
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(cos, sin), each [N, head_dim] float32, for the raster-ordered (T', H', W') token grid.
 
-    `offset` shifts every position (used to test that scores only see relative positions).
+    `offset` shifts every position (used to test that scores only see relative positions);
+    positions are then divided by `scale` per axis (position interpolation for longer/larger videos).
     """
     axes = [
-        torch.arange(n, dtype=torch.float32, device=device) + o for n, o in zip(grid, offset, strict=True)
+        (torch.arange(n, dtype=torch.float32, device=device) + o) / s
+        for n, o, s in zip(grid, offset, scale, strict=True)
     ]
     positions = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 3)  # [N, 3]
     angles = rope_angles(positions, axes_dim, theta)  # [N, head_dim/2]

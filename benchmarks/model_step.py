@@ -1,0 +1,209 @@
+"""Training-step speed and memory: our DiT vs diffusers' WanTransformer3DModel at a matched config.
+
+    python benchmarks/model_step.py [--repeats 5] [--frames 5 20] [--precisions fp32 bf16]
+
+Matched config (issue 3): hidden 384, 6 layers, 6 heads (head_dim 64), FFN 1536, patch (1, 2, 2),
+16 latent channels, 64 text tokens of a 4096-d (T5-sized) encoder, batch 1, latents 5x32x32
+(1280 tokens) and 4x the frames, 20x32x32 (5120 tokens). Both models are the same design
+(Wan-style: adaLN-single modulation, QK RMSNorm, 3D RoPE, ungated cross-attention with an affine
+LayerNorm, GELU(tanh) MLP), so the difference is implementation overhead, not architecture.
+
+A step is forward + MSE loss + backward + AdamW (fused, the same for both), in fp32 or under
+bf16 autocast. Method:
+- time: one process, one thread (2-thread timings swing ~2x on this shared machine, 1-thread ones
+  hold within a few percent), one warm-up step each, then ours and diffusers alternate
+  `--repeats` times; medians and the median ratio are reported.
+- GEMM rate: a 2048^3 matmul in the same dtype, timed between rounds in the same process (median);
+  "% GEMM" = our model FLOPs per second (dit_video.model.flops, training = fwd + bwd, matmuls and
+  attention products, recompute excluded) / that rate.
+- peak memory: each (model, precision, size) runs in a FRESH subprocess (so one variant's freed
+  but cached heap cannot hide another's), with glibc told to serve blocks >= 64 KiB by mmap
+  (MALLOC_MMAP_THRESHOLD_=65536) so freed tensors go back to the OS and RSS tracks live memory.
+  peak = VmHWM (kernel's peak resident set) after two training steps minus VmRSS just before the
+  model is built: weights + gradients + AdamW state + the activation peak. torch has no CPU
+  allocator statistics, and tracemalloc does not see torch's allocations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dit_video.model import DiT, DiTConfig  # noqa: E402
+from dit_video.model.flops import dit_flops  # noqa: E402
+
+HIDDEN, LAYERS, HEADS, FFN, CHANNELS, TEXT_DIM, TEXT_LEN, HW = 384, 6, 6, 1536, 16, 4096, 64, 32
+
+
+def ours_config() -> DiTConfig:
+    return DiTConfig(
+        in_channels=CHANNELS, text_dim=TEXT_DIM, hidden_size=HIDDEN, depth=LAYERS, num_heads=HEADS,
+        mlp_ratio=FFN / HIDDEN, patch_size=(1, 2, 2),
+    )
+
+
+def build(which: str):
+    """(model, step_inputs_fn): the model and a function mapping (x, t, text) to its output."""
+    torch.manual_seed(0)
+    if which == "ours":
+        model = DiT(ours_config())
+        with torch.no_grad():  # no all-zero (adaLN-Zero) weights: time a model mid-training
+            for p in model.parameters():
+                if not p.any():
+                    p.normal_(0, 0.02)
+        return model, lambda m, x, t, text: m(x, t, text)
+    from diffusers import WanTransformer3DModel
+
+    model = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=HEADS, attention_head_dim=HIDDEN // HEADS,
+        in_channels=CHANNELS, out_channels=CHANNELS, text_dim=TEXT_DIM, freq_dim=256, ffn_dim=FFN,
+        num_layers=LAYERS, cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6,
+    )
+    # diffusers takes the timestep on the 0..1000 scale; ours takes t in [0, 1].
+    return model, lambda m, x, t, text: m(x, t * 1000, text, return_dict=False)[0]
+
+
+def make_inputs(frames: int):
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(1, CHANNELS, frames, HW, HW, generator=gen)
+    t = torch.rand(1, generator=gen)
+    text = torch.randn(1, TEXT_LEN, TEXT_DIM, generator=gen)
+    target = torch.randn(1, CHANNELS, frames, HW, HW, generator=gen)
+    return x, t, text, target
+
+
+def make_step(which: str, frames: int, precision: str):
+    model, call = build(which)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    x, t, text, target = make_inputs(frames)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            out = call(model, x, t, text)
+            loss = (out.float() - target).pow(2).mean()
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def gemm_rate(dtype: torch.dtype, n: int = 2048) -> float:
+    """FLOP/s of one n^3 matmul in `dtype` (best of 3 after a warm-up)."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+def _rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def memory_child(which: str, frames: int, precision: str) -> None:
+    """Runs in a fresh process: print the peak RSS growth (MiB) of two training steps as JSON."""
+    torch.set_num_threads(1)
+    if which == "diffusers":
+        import diffusers  # noqa: F401  (import cost is not the model's memory)
+    make_inputs(frames)
+    base = _rss_kib("VmRSS")
+    step = make_step(which, frames, precision)
+    step()
+    step()
+    print(json.dumps({"peak_mib": (_rss_kib("VmHWM") - base) / 1024}))
+
+
+def measure_memory(which: str, frames: int, precision: str) -> float:
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, __file__, "--memory-child", which, str(frames), precision],
+        capture_output=True, text=True, env=env, check=True,
+    )
+    return json.loads(proc.stdout.strip().splitlines()[-1])["peak_mib"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=5, help="A/B rounds per (precision, size)")
+    parser.add_argument("--frames", type=int, nargs="+", default=[5, 20], help="latent frames (1x and 4x)")
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    parser.add_argument("--no-memory", action="store_true", help="skip the subprocess memory runs")
+    parser.add_argument("--memory-child", nargs=3, metavar=("WHICH", "FRAMES", "PRECISION"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_child:
+        which, frames, precision = args.memory_child
+        memory_child(which, int(frames), precision)
+        return
+
+    torch.set_num_threads(1)
+    import diffusers
+
+    print(f"torch {torch.__version__}, diffusers {diffusers.__version__}, 1 thread, batch 1, {args.repeats} A/B rounds")
+    cfg = ours_config()
+    rows = []
+    for precision in args.precisions:
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        for frames in args.frames:
+            flops = dit_flops(cfg, (frames, HW, HW), TEXT_LEN).training
+            ours, theirs = make_step("ours", frames, precision), make_step("diffusers", frames, precision)
+            ours()
+            theirs()
+            t_ours, t_theirs, rates = [], [], []
+            for _ in range(args.repeats):
+                rates.append(gemm_rate(dtype))
+                for fn, times in ((ours, t_ours), (theirs, t_theirs)):
+                    t0 = time.perf_counter()
+                    fn()
+                    times.append(time.perf_counter() - t0)
+            del ours, theirs
+            ratio = statistics.median(a / b for a, b in zip(t_ours, t_theirs, strict=True))
+            if args.no_memory:
+                mem_ours = mem_theirs = float("nan")
+            else:
+                mem_ours, mem_theirs = (measure_memory(w, frames, precision) for w in ("ours", "diffusers"))
+            rate = statistics.median(rates)
+            achieved = flops / statistics.median(t_ours)
+            rows.append(
+                (precision, frames, statistics.median(t_ours), statistics.median(t_theirs), ratio,
+                 mem_ours, mem_theirs, mem_ours / mem_theirs, achieved / 1e9, rate / 1e9, achieved / rate)
+            )
+            print(f"  done {precision} {frames} frames", file=sys.stderr, flush=True)
+
+    header = (
+        f"{'prec':>5} {'frames':>6} {'tokens':>6} {'ours s':>8} {'diff s':>8} {'time ratio':>10} "
+        f"{'ours MiB':>9} {'diff MiB':>9} {'mem ratio':>9} {'GFLOP/s':>8} {'GEMM GF/s':>9} {'% GEMM':>7}"
+    )
+    print(header)
+    for p, f, to, td, r, mo, md, mr, ach, rate, frac in rows:
+        tokens = f * (HW // 2) ** 2
+        print(
+            f"{p:>5} {f:>6} {tokens:>6} {to:8.3f} {td:8.3f} {r:10.3f} {mo:9.0f} {md:9.0f} {mr:9.3f} "
+            f"{ach:8.1f} {rate:9.1f} {100 * frac:6.1f}%"
+        )
+    bf16_ratios = [r[4] for r in rows if r[0] == "bf16"]
+    if bf16_ratios:
+        # The headline: the geometric mean over sizes of the bf16 time ratio.
+        geo = statistics.geometric_mean(bf16_ratios)
+        print(f"time ratio bf16 {geo:.3f}")
+
+
+if __name__ == "__main__":
+    main()
