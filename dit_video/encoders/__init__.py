@@ -1,5 +1,33 @@
 """Video autoencoders and text encoders (frozen during DiT training)."""
 
 from dit_video.encoders.base import TextEncoder, VideoAutoencoder, clip_to_video, video_to_clip
+from dit_video.encoders.text import HFTextEncoder, minilm_path
+from dit_video.encoders.vae import (
+    VAE_PRESETS,
+    CausalVAE,
+    CausalVAEConfig,
+    CausalVideoAutoencoder,
+    DiagonalGaussian,
+    compute_latent_stats,
+    load_vae,
+    save_vae,
+    vae_loss,
+)
 
-__all__ = ["TextEncoder", "VideoAutoencoder", "clip_to_video", "video_to_clip"]
+__all__ = [
+    "TextEncoder",
+    "VideoAutoencoder",
+    "clip_to_video",
+    "video_to_clip",
+    "HFTextEncoder",
+    "minilm_path",
+    "VAE_PRESETS",
+    "CausalVAE",
+    "CausalVAEConfig",
+    "CausalVideoAutoencoder",
+    "DiagonalGaussian",
+    "compute_latent_stats",
+    "load_vae",
+    "save_vae",
+    "vae_loss",
+]
