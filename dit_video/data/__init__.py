@@ -1,9 +1,14 @@
-"""Shards -> clips: the synthetic demo world, the shard writer, decoding and the loader.
+"""Shards -> clips (or cached latents): writing, indexing, ordering, decoding and loading.
 
   synthetic.py  demo vocabulary (COLOURS, SHAPES, DIRECTIONS) and render_clip
   shards.py     encode_mp4, ShardWriter: the one way clips are written to disk
-  decode.py     decode_clip (decord / PyAV), resize_crop, SampleError
-  loader.py     VideoDataConfig, VideoShardDataset, collate_clips, VideoDataModule
+  index.py      tar headers -> random-access sample index; structural damage counted by reason
+  order.py      the exact, resumable sample order: f(seed, epoch, world size, rank, worker)
+  buckets.py    (num_frames, H, W) buckets with batch sizes from a voxel budget
+  decode.py     decode_clip (decord / PyAV), decode_image, resize_crop, TimedCall, SampleError
+  loader.py     VideoDataConfig, VideoShardDataset, collate_clips, VideoDataModule (state_dict:
+                the loader position for checkpoints; its docstring states the resume guarantee)
+  latents.py    LatentDataConfig, LatentShardDataset, LatentDataModule (data=latents)
 """
 
 import importlib
@@ -13,6 +18,8 @@ _EXPORTS = {
     "ShardWriter": "shards", "encode_mp4": "shards",
     "VideoDataConfig": "loader", "VideoDataModule": "loader", "VideoShardDataset": "loader",
     "collate_clips": "loader",
+    "Bucket": "buckets", "make_buckets": "buckets",
+    "LatentDataConfig": "latents", "LatentDataModule": "latents", "LatentShardDataset": "latents",
 }
 __all__ = list(_EXPORTS)
 

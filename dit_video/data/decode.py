@@ -156,3 +156,63 @@ def resize_crop(frames: np.ndarray | torch.Tensor, size: tuple[int, int], mode: 
         top, left = int(rng.integers(0, new_h - out_h + 1)), int(rng.integers(0, new_w - out_w + 1))
     clip = clip[:, top:top + out_h, left:left + out_w].contiguous()  # [T, h, w, 3]
     return clip.numpy() if is_numpy else clip
+
+
+def decode_image(data: bytes) -> np.ndarray:
+    """jpg/png/webp bytes -> uint8 [1, H, W, 3] (an image is a one-frame clip)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return np.array(image.convert("RGB"))[None]  # [1, H, W, 3] (a writable copy)
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise SampleError("decode_error", f"image: {type(exc).__name__}: {_first_line(exc)}") from None
+
+
+class TimedCall:
+    """Run a function in a helper thread and give up on it after `timeout` seconds.
+
+    A decoder stuck inside FFmpeg cannot be interrupted from Python, so a call that times out
+    is abandoned: its daemon thread is left to finish (or hang) on its own, and the next call
+    gets a fresh thread. The caller sees SampleError("decode_timeout") and moves on, so one bad
+    file cannot stall training. timeout=None calls the function directly.
+    """
+
+    def __init__(self, timeout: float | None):
+        if timeout is not None and not timeout > 0:
+            raise ValueError(f"decode timeout must be > 0 seconds or None, got {timeout!r}")
+        self.timeout = timeout
+        self._jobs = None  # queue.Queue of (fn, args, result queue) for the current helper thread
+
+    def __getstate__(self) -> dict:
+        return {"timeout": self.timeout, "_jobs": None}  # each process (worker) starts its own thread
+
+    def __call__(self, fn, *args):
+        if self.timeout is None:
+            return fn(*args)
+        import queue
+        import threading
+
+        if self._jobs is None:
+            self._jobs = queue.Queue()
+            threading.Thread(target=_serve, args=(self._jobs,), daemon=True, name="dit-video-decode").start()
+        done: queue.Queue = queue.Queue(maxsize=1)
+        self._jobs.put((fn, args, done))
+        try:
+            ok, value = done.get(timeout=self.timeout)
+        except queue.Empty:
+            self._jobs.put(None)  # the stuck thread exits if it ever returns
+            self._jobs = None
+            raise SampleError("decode_timeout", f"decoding took longer than {self.timeout:g} s; abandoned") from None
+        if ok:
+            return value
+        raise value
+
+
+def _serve(jobs) -> None:
+    while (job := jobs.get()) is not None:
+        fn, args, done = job
+        try:
+            done.put((True, fn(*args)))
+        except BaseException as exc:  # handed to the caller, which re-raises it
+            done.put((False, exc))

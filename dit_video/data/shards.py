@@ -3,7 +3,9 @@
 Shard layout (standard WebDataset: members of one sample share the key before the first dot):
   {key}.mp4   H.264 video bytes (yuv420p)
   {key}.txt   caption, utf-8
-  {key}.json  {"fps": float, "frames": int, "width": int, "height": int, "source": str}
+  {key}.json  {"fps": float, "frames": int, "width": int, "height": int, "source": str, ...}
+              (data_prep.ingest adds duration, codec, source_sha256, license, start,
+              end, motion and the source's fps/size/codec)
 
 Only bytes members are written (never pickles), and each shard is written under a temporary
 name (`*.tar.partial`) and renamed when complete, so a crash never leaves a half-written
@@ -126,6 +128,7 @@ class ShardWriter:
         self._count = 0
         self._bytes = 0
         self._keys: set[str] = set()
+        self.last_meta: dict = {}
         self.out_dir.mkdir(parents=True, exist_ok=True)
 
     def __enter__(self) -> ShardWriter:
@@ -138,8 +141,9 @@ class ShardWriter:
             self._abort()
 
     def write(self, key: str, mp4: bytes, caption: str, *, fps: float, frames: int, width: int,
-              height: int, source: str) -> None:
-        """Add one sample; the keyword arguments become its `.json` metadata."""
+              height: int, source: str, **extra) -> None:
+        """Add one sample; the keyword arguments become its `.json` metadata (`extra`: any
+        further JSON-able fields, e.g. duration, codec, source_sha256, license from data_prep.ingest)."""
         check_key(key)
         if key in self._keys:
             raise ValueError(f"ShardWriter: duplicate sample key {key!r}")
@@ -149,6 +153,10 @@ class ShardWriter:
             raise ValueError(f"ShardWriter: sample {key!r} has an empty caption")
         meta = {"fps": float(fps), "frames": int(frames), "width": int(width), "height": int(height),
                 "source": str(source)}
+        clash = sorted(set(extra) & set(meta))
+        if clash:
+            raise ValueError(f"ShardWriter: extra metadata {clash} would overwrite the standard fields")
+        meta.update(extra)
         members = {
             f"{key}.mp4": bytes(mp4),
             f"{key}.txt": caption.encode("utf-8"),
@@ -168,6 +176,7 @@ class ShardWriter:
             info.mode = 0o444
             self._tar.addfile(info, io.BytesIO(data))
         self._keys.add(key)
+        self.last_meta = meta  # the .json just written (data_prep copies it into the manifest)
         self._count += 1
         self._bytes += size
         self.total += 1

@@ -1,0 +1,204 @@
+"""Clip shards -> latent shards (VAE latents + text embeddings), for training with `data=latents`.
+
+    python -m data_prep.encode_latents --shards 'data/demo/train-*.tar' --out data/latents \\
+        --vae outputs/vae_demo/<time> --text-encoder minilm --num-frames 17 --fps 8 --size 32 32
+
+prints the cache folder, OUT/{vae}-{hash}__{text encoder}-{hash}/{T}x{H}x{W} (layout in
+dit_video/data/latents.py); train on it with `data=latents data.cache=<that folder>`.
+
+Each clip is read exactly as the clip loader's validation pass reads it (centre crop; frame
+start from (seed, epoch 0, key)), so the cached latents are those on-the-fly training would
+compute for that window. One cache fixes one window per sample: on-the-fly training draws a
+new window and crop every epoch; a cache trades that augmentation for speed.
+
+Resumable: input shard i becomes latents-{i:06d}.tar, written under a temporary name and
+renamed when complete; a rerun skips shards already written. The encoder identities are checked
+against an existing cache.json first, so a rerun with other weights cannot mix two caches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import sys
+import tarfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from dit_video.data.buckets import Bucket
+from dit_video.data.latents import (
+    CACHE_FILE,
+    CACHE_FORMAT,
+    NULL_TEXT_FILE,
+    cache_dir,
+    check_identity,
+    text_key,
+    vae_key,
+)
+from dit_video.data.loader import VideoShardDataset, resolve_shards
+from dit_video.encoders.base import clip_to_video
+
+_MTIME = 1_700_000_000
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _as_is(batch):
+    return batch  # the dataset already collates
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), _MTIME, 0o444
+    tar.addfile(info, io.BytesIO(data))
+
+
+@torch.no_grad()
+def encode_shard(shard: str, out_path: Path, vae, text_encoder, bucket: Bucket, fps: float | None, seed: int,
+                 decoder: str, num_workers: int, dtype: torch.dtype) -> dict:
+    """One clip shard -> one latent shard; returns {"samples", "skipped_by_reason"}."""
+    from safetensors.torch import save as save_safetensors
+    from torch.utils.data import DataLoader
+
+    dataset = VideoShardDataset([shard], bucket.num_frames, fps, (bucket.height, bucket.width), crop="center",
+                                decoder=decoder, shuffle_buffer=0, seed=seed, infinite=False,
+                                batch_size=bucket.batch_size, batched=True, rank=0, world_size=1)
+    loader = DataLoader(dataset, batch_size=None, num_workers=num_workers, collate_fn=_as_is)
+    skipped: Counter = Counter()
+    count = 0
+    tmp = out_path.with_name(out_path.name + ".partial")
+    with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
+        for batch in loader:
+            skipped.update(batch["skipped_by_reason"])
+            latents = vae.encode(clip_to_video(batch["clip"])).float()  # [B, C, T', H', W']
+            text_emb, text_mask = text_encoder.encode(batch["caption"])  # [B, L, D], [B, L]
+            for i, key in enumerate(batch["key"]):
+                n = int(text_mask[i].sum())
+                tensors = {"latents": latents[i].to(dtype).contiguous(),  # [C, T', H', W']
+                           "text_emb": text_emb[i, :n].float().contiguous()}  # [n, D]: no padding stored
+                _add(tar, f"{key}.safetensors", save_safetensors(tensors))
+                _add(tar, f"{key}.txt", batch["caption"][i].encode("utf-8"))
+                _add(tar, f"{key}.json", json.dumps({"source_shard": os.path.basename(shard), "key": key}).encode())
+                count += 1
+    os.replace(tmp, out_path)
+    return {"samples": count, "skipped_by_reason": dict(skipped)}
+
+
+@torch.no_grad()
+def encode_latents(shards: list[str], out_root: str | os.PathLike, vae, text_encoder, num_frames: int,
+                   size: tuple[int, int], fps: float | None, batch_size: int = 16, seed: int = 0,
+                   decoder: str = "auto", num_workers: int = 0, dtype: str = "float32",
+                   progress: bool = False) -> Path:
+    """Encode `shards` into a latent cache under `out_root`; returns the cache folder."""
+    from safetensors.torch import save_file
+
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    bucket = Bucket(num_frames, size[0], size[1], batch_size)
+    vae_id, text_id = vae.identity(), text_encoder.identity()
+    vae.latent_shape(num_frames, *size)  # raises naming the rule if the clip shape does not fit the VAE
+    out = cache_dir(out_root, vae_id, text_id, bucket)
+    out.mkdir(parents=True, exist_ok=True)
+    meta_path = out / CACHE_FILE
+    if meta_path.is_file():
+        check_identity(json.loads(meta_path.read_text()), vae_id, text_id, where=str(out))
+    null_emb, null_mask = text_encoder.encode([""])  # [1, L0, D], [1, L0]
+    save_file({"text_emb": null_emb[0].float().contiguous(), "text_mask": null_mask[0].to(torch.uint8).bool()},
+              str(out / NULL_TEXT_FILE))
+
+    state_dir = out / ".done"
+    state_dir.mkdir(exist_ok=True)
+    start = time.perf_counter()
+    bar = None
+    if progress:
+        from rich.progress import Progress
+
+        bar = Progress()
+        bar.start()
+        task = bar.add_task("encode latents", total=len(shards))
+    for i, shard in enumerate(shards):
+        target = out / f"latents-{i:06d}.tar"
+        done = state_dir / f"latents-{i:06d}.json"
+        if not (target.is_file() and done.is_file()):
+            result = encode_shard(shard, target, vae, text_encoder, bucket, fps, seed, decoder, num_workers,
+                                  DTYPES[dtype])
+            done.write_text(json.dumps({"shard": shard, **result}))
+        if bar:
+            bar.advance(task)
+    if bar:
+        bar.stop()
+    results = [json.loads((state_dir / f"latents-{i:06d}.json").read_text()) for i in range(len(shards))]
+    skipped: Counter = Counter()
+    for r in results:
+        skipped.update(r["skipped_by_reason"])
+    c = vae.latent_channels
+    meta = {
+        "format": CACHE_FORMAT,
+        "vae": vae_key(vae_id), "text_encoder": text_key(text_id),
+        "vae_weights": vae_id.get("weights"), "text_encoder_path": text_id.get("path"),  # informative only
+        "bucket": {"num_frames": num_frames, "size": list(size), "fps": fps, "crop": "center"},
+        "latent_shape": [c, *vae.latent_shape(num_frames, *size)],
+        "dtype": dtype, "seed": seed, "samples": sum(r["samples"] for r in results),
+        "skipped_by_reason": dict(skipped), "source_shards": [r["shard"] for r in results],
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+    tmp = meta_path.with_name(CACHE_FILE + ".partial")
+    tmp.write_text(json.dumps(meta, indent=2) + "\n")
+    os.replace(tmp, meta_path)
+    return out
+
+
+def load_text_encoder(spec: str, max_length: int | None, dtype: str | None):
+    """`spec` = a conf/text_encoder/*.yaml name (e.g. minilm: the identity training will check) or a
+    local Hugging Face model folder."""
+    from omegaconf import OmegaConf
+
+    import dit_video.run  # noqa: F401  (registers ${minilm_path:})
+    from dit_video.encoders.text import HFTextEncoder
+
+    conf = Path(__file__).resolve().parents[1] / "conf" / "text_encoder" / f"{spec}.yaml"
+    if conf.is_file():
+        node = OmegaConf.to_container(OmegaConf.load(conf), resolve=True)
+        return HFTextEncoder(node["path"], max_length or int(node["max_length"]), dtype or str(node["dtype"]),
+                             str(node["name"]))
+    return HFTextEncoder(spec, max_length or 32, dtype or "float32")
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shards", nargs="+", required=True, help="clip shards (globs/braces)")
+    parser.add_argument("--out", required=True, help="cache root; the cache folder is printed")
+    parser.add_argument("--vae", required=True, help="trained VAE folder (vae.safetensors + vae.json)")
+    parser.add_argument("--text-encoder", default="minilm", help="conf/text_encoder name or model folder")
+    parser.add_argument("--text-max-length", type=int, default=None)
+    parser.add_argument("--text-dtype", default=None)
+    parser.add_argument("--num-frames", type=int, default=17)
+    parser.add_argument("--fps", type=float, default=8.0)
+    parser.add_argument("--size", type=int, nargs=2, default=[32, 32], metavar=("H", "W"))
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=1, help="DataLoader workers decoding clips")
+    parser.add_argument("--seed", type=int, default=0, help="frame starts (use the training data.seed)")
+    parser.add_argument("--decoder", default="auto")
+    parser.add_argument("--dtype", default="float32", help="stored latent dtype: float32 | bfloat16 | float16")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from dit_video.encoders.vae import load_vae
+
+    shards = resolve_shards(args.shards, field="--shards")
+    if not shards:
+        parser.error(f"--shards: no files match {args.shards}")
+    out = encode_latents(shards, args.out, load_vae(args.vae), load_text_encoder(args.text_encoder, args.text_max_length,
+                         args.text_dtype), args.num_frames, tuple(args.size), args.fps, args.batch_size, args.seed,
+                         args.decoder, args.workers, args.dtype, progress=sys.stderr.isatty())
+    meta = json.loads((out / CACHE_FILE).read_text())
+    print(f"encoded {meta['samples']} samples into {out} (skipped {sum(meta['skipped_by_reason'].values())}); "
+          f"train with: data=latents data.cache={out}")
+    return out
+
+
+if __name__ == "__main__":
+    main()
