@@ -18,6 +18,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)" $(TORCH_INDEX)
 	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	# DeepSpeed ships only an sdist whose setup.py imports torch: build it against the torch
+	# above (no build isolation, which would fetch a CUDA torch) and without its CUDA ops.
+	DS_BUILD_OPS=0 $(PY) -m pip install -q --no-build-isolation "deepspeed>=0.15" "hydra-submitit-launcher>=1.2"
 	touch $@
 
 install: $(VENV)/.installed

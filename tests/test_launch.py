@@ -1,0 +1,125 @@
+"""Launch scripts: the sbatch templates and torchrun script parse (`bash -n`, shellcheck), run
+against fake `srun`/`scontrol` with the variables SLURM sets, and a Lightning SLURMEnvironment
+built from those variables reports the ranks the job expects; the Hydra submitit preset composes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+LAUNCH = ROOT / "launch"
+SCRIPTS = sorted([*LAUNCH.glob("slurm/*.sbatch"), *LAUNCH.glob("slurm/*.sh"), *LAUNCH.glob("*.sh")])
+
+
+def test_there_are_single_and_multi_node_templates_and_a_torchrun_script():
+    names = {p.name for p in SCRIPTS}
+    assert {"train_1node.sbatch", "train_multinode.sbatch", "env.sh", "torchrun.sh"} <= names
+    for sbatch in LAUNCH.glob("slurm/*.sbatch"):
+        text = sbatch.read_text()
+        for needed in ("#SBATCH --signal=USR1@120", "#SBATCH --requeue", "srun", "ckpt_path=auto",
+                       "--ntasks-per-node=8", "--gpus-per-node=8"):
+            assert needed in text, (sbatch.name, needed)
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_scripts_pass_bash_n(script):
+    proc = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed (apt-get install shellcheck)")
+def test_scripts_pass_shellcheck():
+    proc = subprocess.run(["shellcheck", "-x", *map(str, SCRIPTS)], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def fake_slurm_bin(tmp_path: Path, hosts: list[str]) -> Path:
+    """`scontrol show hostnames` prints `hosts`; `srun` records its arguments and environment."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text("#!/bin/sh\n" + "".join(f"echo {h}\n" for h in hosts))
+    (bin_dir / "srun").write_text(
+        "#!/bin/sh\n"
+        f'printf "%s\\n" "$@" > {tmp_path}/srun_args\n'
+        f"env > {tmp_path}/srun_env\n"
+    )
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    return bin_dir
+
+
+def slurm_env(bin_dir: Path, **extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MASTER_", "RUN_DIR"))}
+    env.update(PATH=f"{bin_dir}:{env['PATH']}", SLURM_JOB_ID="777123", SLURM_JOB_NAME="dit-video",
+               SLURM_JOB_NODELIST="gpu-[017-024]", SLURM_JOB_NUM_NODES="8", SLURM_NNODES="8",
+               SLURM_CPUS_PER_TASK="12", SLURM_SUBMIT_DIR=str(ROOT))
+    env.update(extra)
+    return env
+
+
+def test_multinode_sbatch_runs_srun_with_resumable_train_command(tmp_path):
+    hosts = [f"gpu-{i:03d}" for i in range(17, 25)]
+    bin_dir = fake_slurm_bin(tmp_path, hosts)
+    proc = subprocess.run(["bash", str(LAUNCH / "slurm" / "train_multinode.sbatch"), "+experiment=dit_256"],
+                          cwd=ROOT, env=slurm_env(bin_dir), capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    args = (tmp_path / "srun_args").read_text().splitlines()
+    assert args[args.index("python") + 1] == "train.py"
+    for expected in ("trainer.num_nodes=8", "trainer.devices=8", "strategy=fsdp", "ckpt_path=auto",
+                     "run_dir=outputs/dit-video/777123", "+experiment=dit_256"):
+        assert expected in args, expected
+    env = dict(line.split("=", 1) for line in (tmp_path / "srun_env").read_text().splitlines() if "=" in line)
+    assert env["MASTER_ADDR"] == "gpu-017" and env["MASTER_PORT"] == str(20000 + 777123 % 10000)
+    assert env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1" and env["OMP_NUM_THREADS"] == "12"
+    # A requeued job (same id, SLURM_RESTART_COUNT=1) gets the same run_dir and port: it resumes.
+    subprocess.run(["bash", str(LAUNCH / "slurm" / "train_multinode.sbatch")], cwd=ROOT, check=True,
+                   env=slurm_env(bin_dir, SLURM_RESTART_COUNT="1"), capture_output=True, timeout=30)
+    assert "run_dir=outputs/dit-video/777123" in (tmp_path / "srun_args").read_text().splitlines()
+
+
+_PROBE = """
+import json
+from lightning.fabric.plugins.environments import SLURMEnvironment
+assert SLURMEnvironment.detect()
+env = SLURMEnvironment(auto_requeue=False)
+print(json.dumps({"global_rank": env.global_rank(), "local_rank": env.local_rank(), "node_rank": env.node_rank(),
+                  "world_size": env.world_size(), "main_address": env.main_address, "main_port": env.main_port}))
+"""
+
+
+@pytest.mark.parametrize("node,local", [(0, 0), (3, 5)])
+def test_lightning_slurm_environment_from_the_templates_variables_reports_the_right_ranks(tmp_path, node, local):
+    """What each srun task of `train_multinode.sbatch` (8 nodes x 8 tasks) sees: SLURM's per-task
+    variables plus what env.sh exports; Lightning must agree with env.sh on the master address."""
+    bin_dir = fake_slurm_bin(tmp_path, [f"gpu-{i:03d}" for i in range(17, 25)])
+    task = {"SLURM_NTASKS": "64", "SLURM_NTASKS_PER_NODE": "8", "SLURM_PROCID": str(node * 8 + local),
+            "SLURM_LOCALID": str(local), "SLURM_NODEID": str(node), "SLURM_NODELIST": "gpu-[017-024]"}
+    cmd = f'source launch/slurm/env.sh && exec "{sys.executable}" -c \'{_PROBE}\''
+    proc = subprocess.run(["bash", "-c", cmd], cwd=ROOT, env=slurm_env(bin_dir, **task), capture_output=True,
+                          text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got == {"global_rank": node * 8 + local, "local_rank": local, "node_rank": node, "world_size": 64,
+                   "main_address": "gpu-017", "main_port": 20000 + 777123 % 10000}
+
+
+def test_submitit_launcher_preset_composes():
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=["hydra/launcher=dit_slurm", "hydra.launcher.nodes=8"],
+                      return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node) == (8, 8, 8)
+    assert launcher.signal_delay_s == 120 and launcher.additional_parameters.requeue is True
+    assert "SIGUSR2" in cfg.preemption.requeue_signals  # submitit's signal saves and requeues
