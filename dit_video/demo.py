@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", default="data/demo", help="folder of the demo shards (made if missing)")
     p.add_argument("--seeds-per-prompt", type=int, default=2, help="samples per probe prompt")
     p.add_argument("--steps", type=int, default=30, help="sampling steps")
-    p.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance scale")
+    p.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance scale")
     p.add_argument("overrides", nargs="*", help="extra Hydra overrides for the DiT stage")
     args = p.parse_args(argv)
 

@@ -81,15 +81,18 @@ class FrozenEncodersMixin:
 class DiTModule(FrozenEncodersMixin, L.LightningModule):
     """Text-to-video DiT training: clip -> latents -> noised -> DiT -> velocity loss."""
 
-    def __init__(self, dit, objective, vae, text_encoder, optim: OptimConfig, ema_decay: float, meta: dict):
+    def __init__(self, dit, objective, vae, text_encoder, optim: OptimConfig, ema_decay: float, meta: dict,
+                 parallel=None):
         super().__init__()
         self.dit = dit
+        self.parallel = parallel  # dit_video.parallel.ParallelConfig applied in configure_model (None = as built)
         self.ema = copy.deepcopy(dit).requires_grad_(False).eval()
         self.vae = vae.requires_grad_(False).eval()
         self.text_encoder = text_encoder.requires_grad_(False).eval()
         self.objective, self.optim_cfg, self.ema_decay = objective, optim, ema_decay
         self.meta = meta  # JSON-able: configs and encoder identities, written into every checkpoint
         self.skipped_total = 0
+        self.skipped_by_reason: dict[str, int] = {}  # cumulative, logged as data/skipped_<reason>
         self.t_bucket_sum = torch.zeros(T_BUCKETS, dtype=torch.float64)  # per-bucket loss accumulators
         self.t_bucket_count = torch.zeros(T_BUCKETS, dtype=torch.long)
 
@@ -114,10 +117,38 @@ class DiTModule(FrozenEncodersMixin, L.LightningModule):
         keep = torch.rand(len(captions)) >= self.objective.cfg.caption_dropout
         return [c if k else "" for c, k in zip(captions, keep.tolist())]
 
-    def training_step(self, batch, batch_idx):
+    def drop_cached_text(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Caption dropout on a latent-cache batch: dropped rows take the cached embedding of ""
+        (`null_text_emb` [L0, D], encoded by the same text encoder when the cache was built). The
+        same torch.rand(B) draw as drop_captions, so a seed drops the same rows on both paths."""
+        keep = torch.rand(len(batch["caption"])) >= self.objective.cfg.caption_dropout  # [B]
+        text_emb, text_mask = batch["text_emb"], batch["text_mask"]  # [B, L, D], [B, L]
+        if keep.all():
+            return text_emb, text_mask
+        null_emb, null_mask = batch["null_text_emb"], batch["null_text_mask"]  # [L0, D], [L0]
+        length = max(text_emb.shape[1], null_emb.shape[0])
+        text_emb = torch.nn.functional.pad(text_emb, (0, 0, 0, length - text_emb.shape[1]))  # [B, L, D]
+        text_mask = torch.nn.functional.pad(text_mask, (0, length - text_mask.shape[1]))  # [B, L]
+        null_emb = torch.nn.functional.pad(null_emb, (0, 0, 0, length - null_emb.shape[0]))  # [L, D]
+        null_mask = torch.nn.functional.pad(null_mask, (0, length - null_mask.shape[0]))  # [L]
+        keep = keep.to(text_emb.device)
+        text_emb = torch.where(keep[:, None, None], text_emb, null_emb[None])  # [B, L, D]
+        text_mask = torch.where(keep[:, None], text_mask, null_mask[None])  # [B, L]
+        used = int(text_mask.sum(1).max())  # trim padding no row needs any more, as on-the-fly padding would
+        return text_emb[:, :used], text_mask[:, :used]
+
+    def model_inputs(self, batch):
+        """(latents [B, C, T', H', W'], text_emb [B, L, D], text_mask [B, L]) of a clip batch, or
+        of a latent-cache batch (`data=latents`: the encoders ran in data_prep.encode_latents)."""
+        if "latents" in batch:
+            return (batch["latents"].float(), *self.drop_cached_text(batch))  # 1-3. precomputed
         latents = self.encode_clips(batch["clip"])  # 1. pixels -> latents   [B, C, T', H', W']
         captions = self.drop_captions(batch["caption"])  # 2. caption dropout for CFG
         text_emb, text_mask = self.encode_text(captions)  # 3. text -> tokens      [B, L, D]
+        return latents, text_emb, text_mask
+
+    def training_step(self, batch, batch_idx):
+        latents, text_emb, text_mask = self.model_inputs(batch)  # 1-3. latents, dropout, text tokens
         loss, aux = self.objective.loss(self.dit, latents, text_emb, text_mask)  # 4. noise, predict, MSE
         self.log_step(loss, aux, batch)
         return loss
@@ -127,6 +158,10 @@ class DiTModule(FrozenEncodersMixin, L.LightningModule):
         self.skipped_total += int(batch.get("skipped", 0))
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         self.log("data/skipped", float(self.skipped_total), batch_size=bs)
+        for reason, n in batch.get("skipped_by_reason", {}).items():  # decode_error, too_short, ... (data/loader.py)
+            self.skipped_by_reason[reason] = self.skipped_by_reason.get(reason, 0) + int(n)
+        for reason, n in self.skipped_by_reason.items():
+            self.log(f"data/skipped_{reason}", float(n), batch_size=bs)
         # Loss against diffusion time, pooled over each logging interval (one batch spread over
         # ten buckets is too noisy to read): shows where in t training is hard.
         means, counts = loss_by_t_bucket(aux["t"], aux["mse_per_sample"], T_BUCKETS)
@@ -140,8 +175,20 @@ class DiTModule(FrozenEncodersMixin, L.LightningModule):
             self.t_bucket_sum.zero_()
             self.t_bucket_count.zero_()
 
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        ema_update(self.ema, self.dit, ema_decay_at(self.global_step, self.ema_decay))
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        # Right after the weights move (not in on_train_batch_end, which runs after the checkpoint
+        # callbacks): a checkpoint saved at this step then holds this step's EMA too.
+        ema_update(self.ema, self.dit, ema_decay_at(self.global_step + 1, self.ema_decay))
+
+    def configure_model(self) -> None:
+        """Activation checkpointing / compile / FSDP2 from dit_video/parallel.py (called by Lightning
+        once per process; under ModelParallelStrategy with its device mesh)."""
+        if self.parallel is not None:
+            from dit_video.parallel import parallelize_dit_module
+
+            mesh = self.device_mesh if self.parallel.fsdp else None
+            parallelize_dit_module(self, self.parallel, mesh)
 
     def configure_optimizers(self):
         return build_optimizer(self.dit, self.optim_cfg)

@@ -85,13 +85,18 @@ class Pipeline:
         *,
         steps: int = 30,
         cfg: float = 5.0,
-        shift: float = 1.0,
+        shift: float | None = None,
         sampler: str = "euler",
         negative_prompt: str = "",
         batch_size: int = 16,
         autocast: bool = True,
     ) -> np.ndarray:
-        """One clip per (prompt, seed) pair: uint8 [N, T, H, W, 3]. seeds default to 0, 1, 2, ..."""
+        """One clip per (prompt, seed) pair: uint8 [N, T, H, W, 3]. seeds default to 0, 1, 2, ...
+
+        shift=None samples with the time shift the model was trained with (objective.shift).
+        """
+        if shift is None:
+            shift = float(self.objective.cfg.shift)
         seeds = list(range(len(prompts))) if seeds is None else list(seeds)
         if len(seeds) != len(prompts):
             raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds; give one seed per prompt")

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -71,11 +72,9 @@ def _cuda_problem(trainer_cfg) -> str | None:
 def preflight(cfg: DictConfig) -> None:
     """Check the things a run needs before building anything heavy; raise one ConfigError listing
     everything that is missing, so a job on the wrong machine fails in seconds, not hours."""
-    from dit_video.data.loader import VideoDataConfig
-
     problems: list[str] = []
     try:
-        _dataclass_from(VideoDataConfig, cfg.data, "data").validate()
+        _dataclass_from(data_config_class(cfg), cfg.data, "data").validate()
     except (ValueError, FileNotFoundError) as err:
         problems.append(str(err))
     if cfg.task == "dit":
@@ -107,12 +106,30 @@ def preflight(cfg: DictConfig) -> None:
 # ----------------------------------------------------------------------------- builders
 
 
-def build_data(cfg: DictConfig):
-    from dit_video.data.loader import VideoDataConfig, VideoDataModule
+def data_config_class(cfg: DictConfig):
+    """VideoDataConfig for clip shards, LatentDataConfig when cfg.data.kind is 'latents'."""
+    from dit_video.data.latents import LatentDataConfig
+    from dit_video.data.loader import VideoDataConfig
 
-    data_cfg = _dataclass_from(VideoDataConfig, cfg.data, "data")
-    data_cfg.validate()
-    return data_cfg, VideoDataModule(data_cfg)
+    kind = cfg.data.get("kind", "clips")  # data configs written before latent caches have no `kind`
+    if kind not in ("clips", "latents"):
+        raise ConfigError(f"data.kind={kind!r}: use 'clips' (video shards) or 'latents' (a latent cache)")
+    if kind == "latents" and cfg.task != "dit":
+        raise ConfigError(f"data.kind=latents trains the DiT only; task={cfg.task!r} needs clips (data=demo)")
+    return LatentDataConfig if kind == "latents" else VideoDataConfig
+
+
+def build_data(cfg: DictConfig):
+    from dit_video.data.latents import LatentDataConfig, LatentDataModule
+    from dit_video.data.loader import VideoDataModule
+
+    data_cfg = _dataclass_from(data_config_class(cfg), cfg.data, "data")
+    try:
+        data_cfg.validate()
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    module = LatentDataModule if isinstance(data_cfg, LatentDataConfig) else VideoDataModule
+    return data_cfg, module(data_cfg)
 
 
 def build_dit_config(model_node, in_channels: int, text_dim: int):
@@ -164,27 +181,94 @@ def build_logger(cfg: DictConfig, run_dir: Path):
     raise ConfigError(f"logger.kind={kind!r}: use 'csv' or 'wandb'")
 
 
+def build_parallel(cfg: DictConfig):
+    """The ParallelConfig (AC, compile, FSDP2) that DiTModule.configure_model applies, from cfg.strategy."""
+    from dit_video.parallel import StrategyConfig
+
+    try:
+        return _dataclass_from(StrategyConfig, cfg.strategy, "strategy").parallel_config()
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def build_strategy(cfg: DictConfig, trainer_kwargs: dict):
+    """(Trainer `strategy`, `plugins`) from conf/strategy/*.yaml; pops trainer_kwargs["strategy"]."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    from dit_video.checkpoint import SafeCheckpointIO
+    from dit_video.parallel import StrategyConfig, lightning_strategy
+
+    strategy_cfg = _dataclass_from(StrategyConfig, cfg.strategy, "strategy")
+    legacy = trainer_kwargs.pop("strategy", None)
+    try:
+        strategy = lightning_strategy(strategy_cfg, int(cfg.data.batch_size), trainer_kwargs.get("gradient_clip_val"),
+                                      trainer_kwargs.get("precision"), _world_size(trainer_kwargs))
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if legacy is not None and strategy_cfg.kind == "single":
+        strategy = legacy  # a trainer preset that names a Lightning strategy (trainer=gpu: ddp)
+    elif legacy is not None:
+        log.warning("strategy=%s overrides trainer.strategy=%r", strategy_cfg.kind, legacy)
+    plugins = []
+    if strategy_cfg.kind in ("single", "ddp"):
+        plugins.append(SafeCheckpointIO())  # atomic writes, weights_only loads
+    if SLURMEnvironment.detect():
+        # dit_video.callbacks.Preemption saves and requeues; Lightning's own handler would write a
+        # second, differently named checkpoint that ckpt_path=auto does not know.
+        plugins.append(SLURMEnvironment(auto_requeue=False))
+    return strategy, plugins
+
+
+def _world_size(trainer_kwargs: dict) -> int:
+    devices = trainer_kwargs.get("devices", 1)
+    per_node = len(devices) if isinstance(devices, list) else devices
+    if not isinstance(per_node, int) or per_node < 1:
+        raise ConfigError(f"trainer.devices={devices!r}: give the number of devices per node (an integer)")
+    return per_node * int(trainer_kwargs.get("num_nodes", 1))
+
+
 def build_trainer(cfg: DictConfig, run_dir: Path, extra_callbacks=()):
     import lightning as L
-    from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+    from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 
+    from dit_video.callbacks import NonFiniteGuard, Preemption, RNGState
+    from dit_video.checkpoint import StepCheckpoint
+    from dit_video.eval.in_training import build_eval_callbacks
+
+    checkpoint = StepCheckpoint(run_dir / "checkpoints", int(cfg.checkpoint_every), int(cfg.checkpoint_keep),
+                                float(cfg.checkpoint_reserve_gb))
+    guard = cfg.guard
     callbacks = [
-        ModelCheckpoint(
-            dirpath=str(run_dir / "checkpoints"),
-            every_n_train_steps=int(cfg.checkpoint_every),
-            save_last=True,
-            save_top_k=1,
-        ),
-        RichProgressBar(leave=True),
+        checkpoint,
+        Preemption(checkpoint, signals=list(cfg.preemption.signals), requeue_signals=list(cfg.preemption.requeue_signals)),
+        NonFiniteGuard(int(guard.max_bad_steps), int(guard.window), float(guard.spike_zscore), int(guard.spike_warmup),
+                       checkpoint=checkpoint),
+        RNGState(),
+        *build_eval_callbacks(cfg, run_dir),  # conf/eval/: samples, held-out loss, throughput/MFU
         *extra_callbacks,
     ]
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    if trainer_kwargs.get("enable_progress_bar", True):  # off in batch jobs: bars garble SLURM logs
+        # rich draws nothing when stdout is not a terminal (make | tee, CI): fall back to tqdm lines.
+        callbacks.append(RichProgressBar(leave=True) if sys.stdout.isatty() else TQDMProgressBar(refresh_rate=50))
+    strategy, plugins = build_strategy(cfg, trainer_kwargs)
+    trainer_kwargs["enable_checkpointing"] = False  # StepCheckpoint replaces Lightning's ModelCheckpoint
     return L.Trainer(
         **trainer_kwargs,
+        strategy=strategy,
+        plugins=plugins,
         callbacks=callbacks,
         logger=build_logger(cfg, run_dir),
         default_root_dir=str(run_dir),
     )
+
+
+def fit(trainer, module, datamodule, cfg: DictConfig, run_dir: Path) -> None:
+    """trainer.fit with the loader position in every checkpoint and `ckpt_path` resolved (`auto`)."""
+    from dit_video.checkpoint import resolve_ckpt_path, with_loader_state
+
+    ckpt_path = resolve_ckpt_path(cfg.ckpt_path, run_dir / "checkpoints")
+    trainer.fit(module, datamodule=with_loader_state(datamodule), ckpt_path=ckpt_path, weights_only=True)
 
 
 def run_metadata(cfg: DictConfig) -> dict:
@@ -212,6 +296,9 @@ def train(cfg: DictConfig) -> Path:
     run_dir = Path(cfg.get("run_dir") or _hydra_run_dir())
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    from dit_video.api import write_environment
+
+    write_environment(run_dir)  # git commit + dirty flag, command line, package versions
     if cfg.task == "vae":
         train_vae(cfg, run_dir)
     else:
@@ -233,6 +320,11 @@ def train_dit(cfg: DictConfig, run_dir: Path) -> None:
     data_cfg, datamodule = build_data(cfg)
     vae = load_vae(str(cfg.vae.path))
     text_encoder = build_text_encoder(cfg)
+    if data_cfg.kind == "latents":  # a cache made by other encoders would train on the wrong latents
+        try:
+            datamodule.check_encoders(vae.identity(), text_encoder.identity())
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
     try:
         latent_shape = vae.latent_shape(data_cfg.num_frames, *data_cfg.size)
     except ValueError as err:
@@ -251,34 +343,42 @@ def train_dit(cfg: DictConfig, run_dir: Path) -> None:
         "vae": vae.identity(),
         "text_encoder": text_encoder.identity(),
     }
-    module = DiTModule(DiT(dit_cfg), objective, vae, text_encoder, optim, float(cfg.ema_decay), meta)
     trainer = build_trainer(cfg, run_dir)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    module = DiTModule(DiT(dit_cfg), objective, vae, text_encoder, optim, float(cfg.ema_decay), meta,
+                       build_parallel(cfg))
+    fit(trainer, module, datamodule, cfg, run_dir)
     _finish(trainer, run_dir)
 
 
 def train_vae(cfg: DictConfig, run_dir: Path) -> None:
     from functools import partial
 
-    from dit_video.encoders.vae import CausalVAE, CausalVAEConfig, compute_latent_stats, save_vae, vae_loss
+    from dit_video.encoders.vae import (
+        CausalVAE,
+        CausalVAEConfig,
+        check_video_size,
+        compute_latent_stats,
+        save_vae,
+        vae_loss,
+    )
     from dit_video.lit_module import OptimConfig, VAEModule
 
     data_cfg, datamodule = build_data(cfg)
     vae_node = OmegaConf.to_container(cfg.vae, resolve=True)
     loss_cfg = vae_node.pop("loss")
     vae_node.pop("path", None)
-    vae_cfg = _dataclass_from(CausalVAEConfig, vae_node, "vae")
-    vae = CausalVAE(vae_cfg)
     try:
-        vae.latent_shape(data_cfg.num_frames, *data_cfg.size)
+        vae_cfg = _dataclass_from(CausalVAEConfig, vae_node, "vae").validate()
+        check_video_size(data_cfg.num_frames, *data_cfg.size, vae_cfg.temporal_factor, vae_cfg.spatial_factor)
     except ValueError as err:
         raise ConfigError(f"data.num_frames/data.size do not fit vae: {err}") from None
+    vae = CausalVAE(vae_cfg)
     optim = _dataclass_from(OptimConfig, cfg.optim, "optim")
     optim.validate()
     loss_fn = partial(vae_loss, kl_weight=float(loss_cfg["kl_weight"]), recon=str(loss_cfg["recon"]))
     module = VAEModule(vae, loss_fn, optim, run_metadata(cfg) | {"vae_config": dataclasses.asdict(vae_cfg)})
     trainer = build_trainer(cfg, run_dir)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    fit(trainer, module, datamodule, cfg, run_dir)
     if trainer.global_rank == 0:
         # Latent statistics make the DiT's inputs ~N(0, 1) per channel whatever the VAE learned.
         batches = _take(datamodule.train_dataloader(), int(cfg.vae_stats_batches))

@@ -1,0 +1,223 @@
+"""Evaluate a checkpoint: sample a prompt set, score it, write report.json + report.md.
+
+    python -m dit_video.eval.evaluate ckpt=outputs/demo/dit [weights=both] [steps=20]
+        [i3d_path=/weights/i3d_rgb.safetensors] [clip_path=/weights/clip-vit-b32] [out=DIR]
+
+Metrics (each runs when what it needs is there, otherwise the report says why it was skipped):
+  probe      caption faithfulness on the synthetic demo (colour/direction/shape read off the
+             pixels; dit_video/eval/probe.py) when every prompt is a demo caption
+  fvd        Frechet Video Distance against real clips from `real_shards` (default: the run's
+             validation shards) with the I3D weights at `i3d_path`
+  clipscore  per-frame CLIPScore with the CLIP model at `clip_path`
+The default prompt set covers every demo colour x direction (the demo's probe set).
+`weights=both` samples the EMA and the raw weights with the same seeds, side by side.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import MISSING, OmegaConf
+
+
+@dataclass
+class EvalConfig:
+    ckpt: str = MISSING  # a DiT checkpoint or a run directory (uses checkpoints/last.ckpt)
+    weights: str = "ema"  # ema | raw | both (EMA-vs-raw comparison with the same seeds)
+    prompts: list[str] | None = None  # None = the demo probe set: every colour x direction
+    seeds_per_prompt: int = 1  # samples per prompt (seeds 1000 * s + i)
+    sampler: str = "euler"  # euler | heun | ddim | dpmpp_2m
+    steps: int = 20
+    cfg: float = 4.0  # classifier-free guidance scale
+    shift: float = 1.0
+    negative_prompt: str = ""
+    batch_size: int = 16
+    real_shards: str | None = None  # FVD reference clips; None = the run's data.val_shards
+    num_real: int = 64  # reference clips read for FVD
+    i3d_path: str | None = None  # local I3D weights (dit_video.eval.fvd.load_i3d); None = skip FVD
+    i3d_size: int = 224  # frames are resized to this square size for I3D
+    clip_path: str | None = None  # local Hugging Face CLIP folder; None = skip CLIPScore
+    probe: bool | None = None  # None = run when every prompt is a demo caption
+    out: str | None = None  # report folder; None = <run_dir>/eval/<checkpoint name>
+    write_samples: bool = True  # also write the sampled mp4s (with provenance marks)
+    num_threads: int | None = None
+    extra: dict = field(default_factory=dict)  # free-form notes copied into the report
+
+
+def default_prompts(seeds_per_prompt: int) -> tuple[list[str], list[int]]:
+    from dit_video.demo import probe_prompts
+
+    return probe_prompts(seeds_per_prompt)
+
+
+def _probe_applies(prompts: list[str]) -> bool:
+    from dit_video.eval.probe import parse_caption
+
+    try:
+        for p in prompts:
+            parse_caption(p)
+    except ValueError:
+        return False
+    return True
+
+
+def _real_clips(shards, num: int, num_frames: int) -> np.ndarray:
+    from dit_video.api import browse_shards
+
+    samples = browse_shards(shards, limit=num, num_frames=num_frames)
+    clips = [s["clip"] for s in samples if s["clip"] is not None and len(s["clip"]) == num_frames]
+    if len(clips) < 2:
+        raise ValueError(f"real_shards: need >= 2 clips of {num_frames} frames for FVD, found {len(clips)} in {shards}")
+    return np.stack(clips)
+
+
+def evaluate(cfg: EvalConfig) -> dict:
+    """Sample, score and write the report; returns the report dict."""
+    from dit_video.api import load_pipeline, resolve_checkpoint, sample_identity
+    from dit_video.provenance import check_prompts
+
+    if cfg.weights not in ("ema", "raw", "both"):
+        raise ValueError(f"weights={cfg.weights!r}: use ema, raw or both")
+    if cfg.num_threads:
+        torch.set_num_threads(int(cfg.num_threads))
+    if cfg.prompts:
+        prompts = [p for p in cfg.prompts for _ in range(cfg.seeds_per_prompt)]
+        seeds = [1000 * s + i for i in range(len(cfg.prompts)) for s in range(cfg.seeds_per_prompt)]
+    else:
+        prompts, seeds = default_prompts(cfg.seeds_per_prompt)
+    check_prompts(prompts + [cfg.negative_prompt])
+    ckpt = resolve_checkpoint(cfg.ckpt)
+    out = Path(cfg.out) if cfg.out else ckpt.resolve().parent.parent / "eval" / ckpt.stem
+    out.mkdir(parents=True, exist_ok=True)
+    run_probe = _probe_applies(prompts) if cfg.probe is None else cfg.probe
+    sampling = {"sampler": cfg.sampler, "steps": cfg.steps, "cfg": cfg.cfg, "shift": cfg.shift,
+                "negative_prompt": cfg.negative_prompt}
+
+    scorers = {}
+    if cfg.clip_path:
+        from dit_video.eval.clipscore import CLIPScorer
+
+        scorers["clip"] = CLIPScorer(cfg.clip_path)
+    if cfg.i3d_path:
+        from dit_video.eval.fvd import i3d_features, load_i3d
+
+        scorers["i3d"] = load_i3d(cfg.i3d_path)
+
+    report = {"checkpoint": str(ckpt), "config": asdict(cfg) | {"prompts": prompts}, "seeds": seeds,
+              "sampling": sampling, "num_samples": len(prompts), "results": {}, "skipped": {}}
+    real_features = None
+    for weights in (["ema", "raw"] if cfg.weights == "both" else [cfg.weights]):
+        start = time.perf_counter()
+        pipe = load_pipeline(ckpt, weights)
+        report.setdefault("identity", sample_identity(ckpt, pipe.meta, cfg.weights))
+        clips = pipe.generate(prompts, seeds, batch_size=cfg.batch_size, **sampling)  # [N, T, H, W, 3]
+        result = {"sampling_seconds": time.perf_counter() - start}
+        if run_probe:
+            from dit_video.eval.probe import caption_faithfulness
+
+            probe = caption_faithfulness(clips, prompts)
+            result["probe"] = {k: v for k, v in probe.items() if k != "per_clip"}
+            result["probe_per_clip"] = probe["per_clip"]
+        else:
+            report["skipped"]["probe"] = "prompts are not demo captions (colour, shape, direction)"
+        if "clip" in scorers:
+            scores = scorers["clip"].score(clips, prompts)
+            result["clipscore"] = scores["clipscore"]
+            result["clipscore_per_clip"] = scores["per_clip"]
+        else:
+            report["skipped"]["clipscore"] = "no clip_path (a local Hugging Face CLIP folder)"
+        if "i3d" in scorers:
+            from dit_video.eval.frechet import frechet_distance_features
+
+            if real_features is None:
+                shards = cfg.real_shards or pipe.meta["config"]["data"]["val_shards"]
+                real = _real_clips(shards, cfg.num_real, clips.shape[1])
+                real_features = i3d_features(real, scorers["i3d"], size=cfg.i3d_size)
+                report["fvd_reference"] = {"shards": str(shards), "num_clips": len(real), "size": cfg.i3d_size}
+            fake_features = i3d_features(clips, scorers["i3d"], size=cfg.i3d_size)
+            result["fvd"] = frechet_distance_features(real_features, fake_features)
+        else:
+            report["skipped"]["fvd"] = "no i3d_path (local I3D weights; see dit_video/eval/fvd.py)"
+        if cfg.write_samples:
+            from dit_video.media import write_samples
+
+            written = write_samples(clips, prompts, seeds, out / f"samples_{weights}", pipe.fps,
+                                    sampling | {"weights": weights, "checkpoint": str(ckpt)},
+                                    identity=sample_identity(ckpt, pipe.meta, weights))
+            result["grid"] = written["grid"]
+        report["results"][weights] = result
+    report["extra"] = dict(cfg.extra)
+    (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    (out / "report.md").write_text(markdown_report(report))
+    report["out"] = str(out)
+    return report
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def markdown_report(report: dict) -> str:
+    """The report as Markdown: a metric table (one column per weights), settings, skipped metrics."""
+    names = list(report["results"])
+    rows = [("probe score (colour+direction)", lambda r: r.get("probe", {}).get("score")),
+            ("probe colour", lambda r: r.get("probe", {}).get("colour")),
+            ("probe direction", lambda r: r.get("probe", {}).get("direction")),
+            ("probe shape", lambda r: r.get("probe", {}).get("shape")),
+            ("FVD", lambda r: r.get("fvd")),
+            ("CLIPScore", lambda r: r.get("clipscore")),
+            ("sampling seconds", lambda r: r.get("sampling_seconds"))]
+    lines = [f"# Evaluation of `{report['checkpoint']}`", "",
+             f"{report['num_samples']} samples; sampler {report['sampling']['sampler']}, "
+             f"{report['sampling']['steps']} steps, CFG {report['sampling']['cfg']}, shift {report['sampling']['shift']}.",
+             "", "| metric | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for label, get in rows:
+        values = [get(report["results"][n]) for n in names]
+        if any(v is not None for v in values):
+            lines.append(f"| {label} | " + " | ".join(_fmt(v) for v in values) + " |")
+    if any("probe" in r for r in report["results"].values()):
+        lines += ["", "Chance level of the probe: colour 20%, direction 25% (score 22.5%)."]
+    if report.get("fvd_reference"):
+        ref = report["fvd_reference"]
+        lines += ["", f"FVD reference: {ref['num_clips']} clips from `{ref['shards']}` at {ref['size']}px."]
+    if report["skipped"]:
+        lines += ["", "Skipped:"] + [f"- {k}: {v}" for k, v in sorted(report["skipped"].items())]
+    identity = report.get("identity", {})
+    lines += ["", f"Checkpoint sha256 `{identity.get('checkpoint_sha256')}`, config sha256 "
+                  f"`{identity.get('config_sha256')}`, git commit `{identity.get('git_commit')}`.", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__)
+        return 0
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(EvalConfig), OmegaConf.from_dotlist(argv))
+        cfg = EvalConfig(**OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True))
+        report = evaluate(cfg)
+    except Exception as err:  # config and input errors: one line, no traceback
+        from omegaconf.errors import OmegaConfBaseException
+
+        from dit_video.pipeline import CheckpointError
+        from dit_video.provenance import PromptRefused
+
+        if not isinstance(err, (OmegaConfBaseException, CheckpointError, PromptRefused, ValueError,
+                                FileNotFoundError)):
+            raise
+        print(f"error: {str(err).splitlines()[0]}", file=sys.stderr)
+        return 2
+    print(Path(report["out"]) / "report.md")
+    print((Path(report["out"]) / "report.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,115 @@
+"""A tiny trained DiT run shared by the evaluation, sampling-CLI and notebook tests.
+
+Built once per pytest process (the same recipe as tests/test_train.py: a few demo clips, a
+6-step VAE, a 3-step DiT) and reused by every module that asks for it.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_DATA = ["data.batch_size=8", "data.num_workers=0", "data.shuffle_buffer=32", "num_threads=1"]
+TINY_DIT = ["model.depth=2", "model.hidden_size=64", "model.num_heads=2"]
+_CACHE: dict[str, Path] = {}
+
+
+def compose_train(*overrides):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("train", overrides=list(overrides))
+
+
+def tiny_run(tmp_path_factory) -> dict[str, Path]:
+    """{"shards": folder of demo shards, "vae": VAE run dir, "run": DiT run dir} (cached)."""
+    if not _CACHE:
+        import torch
+
+        from dit_video.run import train
+
+        threads = torch.get_num_threads()  # num_threads=1 below: tiny runs are fastest on one thread
+
+        shards = tmp_path_factory.mktemp("tiny_shards")
+        subprocess.run([sys.executable, "-m", "data_prep.make_demo", "--out", str(shards), "--num-clips", "32",
+                        "--val-clips", "10", "--shard-size", "16"], cwd=ROOT, check=True, capture_output=True)
+        data = [f"data.shards={shards}/train-*.tar", f"data.val_shards={shards}/val-*.tar"]
+        vae = tmp_path_factory.mktemp("tiny_vae")
+        train(compose_train("+experiment=vae_demo", *data, *TINY_DATA, "trainer.max_steps=6", "vae_stats_batches=1",
+                            f"run_dir={vae}", "trainer.enable_model_summary=false"))
+        run = tmp_path_factory.mktemp("tiny_dit")
+        train(compose_train("+experiment=demo", *data, *TINY_DATA, *TINY_DIT, f"vae.path={vae}",
+                            "trainer.max_steps=3", "trainer.log_every_n_steps=1", "optim.warmup_steps=5",
+                            f"run_dir={run}", "trainer.enable_model_summary=false"))
+        torch.set_num_threads(threads)
+        _CACHE.update(shards=shards, vae=vae, run=run)
+    return dict(_CACHE)
+
+
+def calibrated_random_i3d(clips):
+    """A random tiny I3D (width 1/16) whose BatchNorm statistics are measured on `clips` (uint8
+    [N, T, H, W, 3]): without this, activations shrink layer by layer and every logit is ~0."""
+    import torch
+
+    from dit_video.encoders.base import clip_to_video
+    from dit_video.eval.fvd import I3D
+
+    torch.manual_seed(0)
+    model = I3D(width=1 / 16).train()
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm3d):
+            m.momentum = None  # cumulative average over the calibration batch
+            m.reset_running_stats()
+    with torch.no_grad():
+        video = clip_to_video(torch.as_tensor(clips))  # [N, 3, T, H, W]
+        model(torch.nn.functional.interpolate(video, size=(video.shape[2], 32, 32)))
+    return model.eval()
+
+
+def save_tiny_clip(out: Path) -> Path:
+    """A tiny random CLIPModel saved with save_pretrained, with MiniLM's WordPiece tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, CLIPConfig, CLIPModel
+
+    from dit_video.encoders.text import minilm_path
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True)
+    config = CLIPConfig(
+        text_config={"vocab_size": tokenizer.vocab_size, "hidden_size": 32, "intermediate_size": 64,
+                     "num_hidden_layers": 2, "num_attention_heads": 2, "max_position_embeddings": 32,
+                     "eos_token_id": tokenizer.sep_token_id, "pad_token_id": tokenizer.pad_token_id},
+        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+                       "image_size": 32, "patch_size": 8},
+        projection_dim=16,
+    )
+    torch.manual_seed(0)
+    CLIPModel(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def distributed_sampling_worker(rank: int, world_size: int, port: int, ckpt: str, prompts: list, out: str) -> None:
+    """One gloo rank: sample `prompts` across ranks with the real pipeline; save what it saw."""
+    import numpy as np
+    import torch
+
+    from dit_video.eval.in_training import sample_across_ranks
+    from dit_video.pipeline import Pipeline
+
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                         world_size=world_size)
+    try:
+        pipe = Pipeline.from_checkpoint(ckpt)
+        calls = []
+
+        def generate(p, s):
+            calls.extend(p)
+            return pipe.generate(p, s, steps=1, cfg=2.0)
+
+        clips, owner = sample_across_ranks(generate, prompts, list(range(len(prompts))))
+        np.savez(f"{out}/rank{rank}.npz", clips=clips, owner=np.array(owner), calls=np.array(calls))
+    finally:
+        torch.distributed.destroy_process_group()
