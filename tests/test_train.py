@@ -138,3 +138,14 @@ def test_patch_size_that_does_not_divide_the_latents_is_refused(shards, vae_dir,
 def test_hidden_size_not_divisible_by_heads_is_refused(shards, vae_dir, tmp_path):
     with pytest.raises((ConfigError, ValueError), match="hidden_size"):
         run_dit(shards, vae_dir, tmp_path, 1, "model.num_heads=3")
+
+
+def test_wandb_logger_works_offline(shards, vae_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = compose_train("+experiment=demo", *shards, *TINY_DATA, *TINY_DIT, f"vae.path={vae_dir}",
+                        "trainer.max_steps=2", "trainer.log_every_n_steps=1", f"run_dir={tmp_path}",
+                        "logger=wandb", "logger.offline=true", "trainer.enable_model_summary=false")
+    train(cfg)
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb")), "no offline wandb run was written"
