@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 TORCH ?= $(if $(HAS_GPU),torch>=2.6,torch==2.13.0)
 TORCH_INDEX ?=
-EXTRAS ?= dev,demo
+EXTRAS ?= dev,demo,scenes
 DEMO_DIR ?= outputs/demo
 
 .PHONY: install demo test test-slow lint bench clean

@@ -40,7 +40,12 @@ def test_every_model_config_builds_a_valid_dit_config(model):
 
     cfg = compose_train(f"model={model}")
     dit_cfg = build_dit_config(cfg.model, in_channels=16, text_dim=4096)
-    dit_cfg.validate()
+    assert dit_cfg.in_channels == 16 and dit_cfg.text_dim == 4096  # filled from the encoders, not YAML
+    assert dit_cfg.head_dim * dit_cfg.num_heads == dit_cfg.hidden_size
+    grid = tuple(4 * p for p in dit_cfg.patch_size)
+    dit_cfg.validate(grid)  # a latent grid the patch size divides passes; one it does not, fails
+    with pytest.raises(ValueError, match="patch_size"):
+        dit_cfg.validate((grid[0], grid[1] + 1, grid[2]) if dit_cfg.patch_size[1] > 1 else (grid[0], grid[1], grid[2] + 1))
 
 
 def test_model_yaml_files_match_their_presets():
