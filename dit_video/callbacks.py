@@ -264,6 +264,14 @@ class RNGState(Callback):
     def load_state_dict(self, state: dict) -> None:
         self._pending = state
 
+    def on_train_start(self, trainer, pl_module) -> None:
+        # seed_everything gives every rank the same seed, so without this all ranks would draw the
+        # same noise, t and caption dropout for their (different) clips: a smaller effective batch
+        # of noise. Rank r continues from seed + r; rank 0, hence single-process runs, is unchanged.
+        # A resumed run restores each rank's saved stream at its first batch instead.
+        if trainer.world_size > 1 and trainer.global_rank > 0 and self._pending is None:
+            torch.manual_seed(torch.initial_seed() + trainer.global_rank)
+
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self._pending is None:
             return
