@@ -289,6 +289,12 @@ def train(cfg: DictConfig) -> Path:
     """Train what `cfg.task` names; returns the run directory."""
     import lightning as L
 
+    resume = cfg.get("resume")  # `+resume=RUN_DIR`: continue that run in its own folder
+    if resume:
+        if not (Path(str(resume)) / "checkpoints").is_dir():
+            raise ConfigError(f"resume={resume}: no checkpoints/ folder there; pass the run directory "
+                              "that holds checkpoints/ (outputs/<name>/<time>)")
+        cfg.run_dir, cfg.ckpt_path = str(resume), "auto"
     preflight(cfg)
     if cfg.num_threads:
         torch.set_num_threads(int(cfg.num_threads))
@@ -296,6 +302,7 @@ def train(cfg: DictConfig) -> Path:
     run_dir = Path(cfg.get("run_dir") or _hydra_run_dir())
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    print_config(cfg, run_dir)
     from dit_video.api import write_environment
 
     write_environment(run_dir)  # git commit + dirty flag, command line, package versions
@@ -304,6 +311,20 @@ def train(cfg: DictConfig) -> Path:
     else:
         train_dit(cfg, run_dir)
     return run_dir
+
+
+def print_config(cfg: DictConfig, run_dir: Path) -> None:
+    """The resolved config, once per run (rank 0 only), so a log shows exactly what ran."""
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+    from rich.console import Console
+    from rich.syntax import Syntax
+
+    if rank_zero_only.rank != 0 or os.environ.get("DIT_VIDEO_QUIET"):
+        return
+    console = Console()
+    console.rule(f"[bold]{cfg.name}[/bold] ({cfg.task}) -> {run_dir}")
+    console.print(Syntax(OmegaConf.to_yaml(cfg, resolve=True), "yaml", theme="ansi_dark"))
+    console.rule()
 
 
 def _hydra_run_dir() -> str:

@@ -149,3 +149,18 @@ def test_wandb_logger_works_offline(shards, vae_dir, tmp_path, monkeypatch):
     train(cfg)
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb")), "no offline wandb run was written"
+
+
+def test_resume_run_dir_continues_in_place_and_config_is_printed_once(shards, vae_dir, tmp_path, capsys):
+    run_dit(shards, vae_dir, tmp_path, 3)
+    printed = capsys.readouterr().out
+    assert printed.count("model:") == 1 and "run_dir" in printed  # the resolved config, once
+    cfg = compose_train("+experiment=demo", *shards, *TINY_DATA, *TINY_DIT, f"vae.path={vae_dir}",
+                        "trainer.max_steps=5", "trainer.log_every_n_steps=1", "optim.warmup_steps=5",
+                        f"+resume={tmp_path}", "trainer.enable_model_summary=false")
+    train(cfg)
+    from dit_video.pipeline import load_checkpoint
+
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")["global_step"] == 5
+    with pytest.raises(ConfigError, match="resume="):
+        train(compose_train("+experiment=demo", f"+resume={tmp_path / 'nope'}"))
