@@ -115,7 +115,7 @@ class DiTModule(FrozenEncodersMixin, L.LightningModule):
     def drop_captions(self, captions: list[str]) -> list[str]:
         """Replace each caption by "" with probability objective.caption_dropout (CFG training)."""
         keep = torch.rand(len(captions)) >= self.objective.cfg.caption_dropout
-        return [c if k else "" for c, k in zip(captions, keep.tolist())]
+        return [c if k else "" for c, k in zip(captions, keep.tolist(), strict=True)]
 
     def drop_cached_text(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Caption dropout on a latent-cache batch: dropped rows take the cached embedding of ""
@@ -169,7 +169,7 @@ class DiTModule(FrozenEncodersMixin, L.LightningModule):
         self.t_bucket_count += counts.cpu()
         if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
             pooled = self.t_bucket_sum / self.t_bucket_count.clamp(min=1)
-            for name, mean, count in zip(t_bucket_names(T_BUCKETS), pooled.tolist(), self.t_bucket_count.tolist()):
+            for name, mean, count in zip(t_bucket_names(T_BUCKETS), pooled.tolist(), self.t_bucket_count.tolist(), strict=True):
                 if count > 0:
                     self.log(name, mean, on_step=True, on_epoch=False)
             self.t_bucket_sum.zero_()

@@ -58,10 +58,11 @@ class Pipeline:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, weights: str = "ema") -> Pipeline:
+        from omegaconf import OmegaConf
+
         from dit_video.encoders.vae import load_vae
         from dit_video.model import DiT
         from dit_video.run import build_objective_from, build_text_encoder
-        from omegaconf import OmegaConf
 
         if weights not in ("ema", "raw"):
             raise ValueError(f"weights={weights!r}: use 'ema' or 'raw'")

@@ -16,7 +16,7 @@ from dit_video.diffusion.conditioning import draw_cond_mask, hold_cond_frames, p
 from dit_video.diffusion.edm import EDM, EDMConfig
 from dit_video.diffusion.flow import FlowConfig, RectifiedFlow
 from dit_video.diffusion.objective import Objective, ObjectiveConfig
-from dit_video.diffusion.sampling import SAMPLERS, Denoiser, GuidedModel, GuidedVelocity, sample
+from dit_video.diffusion.sampling import SAMPLERS, Denoiser, GuidedModel, sample
 from dit_video.diffusion.schedules import (
     edm_preconditioning,
     flow_timesteps,
@@ -38,7 +38,6 @@ __all__ = [
     "EDMConfig",
     "FlowConfig",
     "GuidedModel",
-    "GuidedVelocity",
     "Objective",
     "ObjectiveConfig",
     "RectifiedFlow",

@@ -27,10 +27,8 @@ __all__ = [
     "SAMPLERS",
     "Denoiser",
     "GuidedModel",
-    "GuidedVelocity",
     "ddim",
     "dpmpp_2m",
-    "euler",
     "flow_euler",
     "flow_heun",
     "flow_timesteps",
@@ -116,7 +114,6 @@ class GuidedModel:
         return guided
 
 
-GuidedVelocity = GuidedModel  # the first API's name: for rectified flow the output is the velocity
 
 
 class Denoiser:
@@ -242,17 +239,6 @@ def dpmpp_2m(denoise, x, ts, objective, progress=None, **_):
 
 SAMPLERS = {"euler": flow_euler, "heun": flow_heun, "ddim": ddim, "dpmpp_2m": dpmpp_2m}
 FLOW_ONLY = ("euler", "heun")
-
-
-@torch.no_grad()
-def euler(velocity, noise: torch.Tensor, steps: int, shift: float = 1.0, progress=None) -> torch.Tensor:
-    """Euler on dx/dt = velocity(x, t) from t = 1 to 0 (the first API: a velocity callable)."""
-
-    def denoise(x, t):  # velocity u -> (x_0, eps) = (x - t u, x + (1 - t) u) on the flow path
-        u = velocity(x, t)
-        return x - t * u, x + (1.0 - t) * u
-
-    return flow_euler(denoise, noise.float(), flow_timesteps(steps, shift).tolist(), progress=progress)
 
 
 @torch.no_grad()
