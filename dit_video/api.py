@@ -15,7 +15,6 @@ provenance); notebooks call this, never copy code.
 from __future__ import annotations
 
 import base64
-import csv
 import hashlib
 import json
 import os
@@ -121,16 +120,9 @@ class Run:
         path = self.dir / "metrics.csv"
         if not path.is_file():
             raise FileNotFoundError(f"'{path}' does not exist (runs log with logger=csv)")
-        out: dict[str, tuple[list[int], list[float]]] = {}
-        with open(path, newline="") as f:
-            for row in csv.DictReader(f):
-                for key, value in row.items():
-                    if key in ("step", "epoch") or value in (None, ""):
-                        continue
-                    steps, values = out.setdefault(key, ([], []))
-                    steps.append(int(row["step"]))
-                    values.append(float(value))
-        return out
+        from dit_video.plots import read_metrics
+
+        return read_metrics(path)
 
     def metric(self, key: str) -> tuple[list[int], list[float]]:
         """(steps, values) of one logged metric, e.g. "train/loss"."""

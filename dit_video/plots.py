@@ -6,15 +6,23 @@ import csv
 from pathlib import Path
 
 
-def read_metric(metrics_csv: Path, key: str) -> tuple[list[int], list[float]]:
-    """(steps, values) of one metric from Lightning's CSVLogger metrics.csv."""
-    steps, values = [], []
+def read_metrics(metrics_csv: Path) -> dict[str, tuple[list[int], list[float]]]:
+    """Every column of Lightning's CSVLogger metrics.csv -> (steps, values); empty cells skipped."""
+    out: dict[str, tuple[list[int], list[float]]] = {}
     with open(metrics_csv, newline="") as f:
         for row in csv.DictReader(f):
-            if row.get(key) not in (None, ""):
+            for key, value in row.items():
+                if key in ("step", "epoch") or value in (None, ""):
+                    continue
+                steps, values = out.setdefault(key, ([], []))
                 steps.append(int(row["step"]))
-                values.append(float(row[key]))
-    return steps, values
+                values.append(float(value))
+    return out
+
+
+def read_metric(metrics_csv: Path, key: str) -> tuple[list[int], list[float]]:
+    """(steps, values) of one metric from metrics.csv (empty if it was never logged)."""
+    return read_metrics(metrics_csv).get(key, ([], []))
 
 
 def plot_loss_curve(metrics_csv: Path, out_png: Path, key: str = "train/loss") -> Path | None:
