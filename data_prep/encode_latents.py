@@ -154,17 +154,22 @@ def encode_latents(shards: list[str], out_root: str | os.PathLike, vae, text_enc
 
 def load_text_encoder(spec: str, max_length: int | None, dtype: str | None):
     """`spec` = a conf/text_encoder/*.yaml name (e.g. minilm: the identity training will check) or a
-    local Hugging Face model folder."""
+    local Hugging Face model folder. --text-max-length/--text-dtype override a single encoder's
+    fields (a concatenated config is used as written)."""
     from omegaconf import OmegaConf
 
     import dit_video.run  # noqa: F401  (registers ${minilm_path:})
     from dit_video.encoders.text import HFTextEncoder
+    from dit_video.encoders.text_concat import build_text_encoder
 
     conf = Path(__file__).resolve().parents[1] / "conf" / "text_encoder" / f"{spec}.yaml"
     if conf.is_file():
         node = OmegaConf.to_container(OmegaConf.load(conf), resolve=True)
-        return HFTextEncoder(node["path"], max_length or int(node["max_length"]), dtype or str(node["dtype"]),
-                             str(node["name"]))
+        if "encoders" not in node:
+            node.update({k: v for k, v in (("max_length", max_length), ("dtype", dtype)) if v is not None})
+        elif max_length is not None or dtype is not None:
+            raise SystemExit(f"--text-max-length/--text-dtype: {conf} concatenates encoders; edit its parts instead")
+        return build_text_encoder(node)
     return HFTextEncoder(spec, max_length or 32, dtype or "float32")
 
 

@@ -37,7 +37,11 @@ import torch
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 # The text encoders the configs name (conf/text_encoder/*.yaml give name and max_length, not width).
-TEXT_DIMS = {"t5-v1_1-xxl": 4096, "all-minilm-l6-v2": 384}
+# Widths of the text encoders conf/text_encoder/ names (the weights are not read for an estimate).
+TEXT_DIMS = {
+    "t5-v1_1-xxl": 4096, "umt5-xxl": 4096, "all-minilm-l6-v2": 384, "clip-vit-large-patch14": 768,
+    "llava-llama-3-8b": 4096, "t5-v1_1-xxl+clip-vit-large-patch14": 4096,
+}
 # Saved activation bytes per token per block, in units of hidden_size, at mlp_ratio 4 (module docstring).
 ACT_BYTES_PER_D = {"fp32": 128.0, "bf16": 86.0}
 STRATEGIES = ("DDP", "ZeRO-2", "ZeRO-3", "FSDP")
@@ -111,7 +115,10 @@ def main(argv: list[str] | None = None) -> None:
     text_dim = args.text_dim or TEXT_DIMS.get(text_name)
     if text_dim is None:
         raise SystemExit(f"text_encoder.name={text_name!r} has no known width; pass --text-dim")
-    text_len = int(cfg.text_encoder.max_length)
+    if "encoders" in cfg.text_encoder:  # concatenated encoders: the sequence parts' tokens add up
+        text_len = sum(int(p.max_length) for p in cfg.text_encoder.encoders if p.get("sequence", True))
+    else:
+        text_len = int(cfg.text_encoder.max_length)
     dit_cfg = build_dit_config(cfg.model, in_channels=int(cfg.vae.latent_channels), text_dim=text_dim)
     dit_cfg.validate()
     with torch.device("meta"):

@@ -56,12 +56,18 @@ class VideoAutoencoder(Protocol):
 
 @runtime_checkable
 class TextEncoder(Protocol):
-    """A frozen text encoder: captions -> token embeddings and padding mask."""
+    """A frozen text encoder: captions -> token embeddings and padding mask (and, for encoders
+    like CLIP, one pooled vector per caption)."""
 
     dim: int  # D of text_emb
+    pooled_dim: int  # P of the pooled vector; 0 when the encoder has none
 
     def encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """captions -> (text_emb [B, L, D] float, text_mask [B, L] bool, True = real token)."""
+        ...
+
+    def encode_pooled(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """captions -> (text_emb, text_mask as `encode`, pooled [B, P] float, or None when pooled_dim == 0)."""
         ...
 
     def identity(self) -> dict:
