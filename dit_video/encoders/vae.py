@@ -22,7 +22,8 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -143,6 +144,37 @@ VAE_PRESETS: dict[str, CausalVAEConfig] = {
 }
 
 
+@dataclass
+class TilingConfig:
+    """Tiled / chunked encode and decode, so long or large videos fit in memory (off by default).
+
+    Temporal chunks are exact: frame 0 alone, then `chunk_frames` frames at a time, with every
+    causal conv carrying its last frames across chunks (`causal_stream`). Spatial tiles are not:
+    each tile's convs see zero padding at its border instead of the neighbouring pixels, so tiles
+    overlap by `tile_overlap` pixels and are blended with linear ramps there (on the latent side
+    when encoding, the pixel side when decoding), which hides the seams.
+    """
+
+    tile_size: int | None = None  # pixel edge of a square spatial tile (multiple of spatial_factor); None = whole frames
+    tile_overlap: int = 8  # pixels two neighbouring tiles share (multiple of spatial_factor, < tile_size)
+    chunk_frames: int | None = None  # frames per temporal chunk after frame 0 (multiple of temporal_factor); None = whole clip
+
+    def validate(self, vae: CausalVAEConfig) -> TilingConfig:
+        """Raise ValueError naming the bad vae.tiling field and the fix; returns self."""
+        sf, tf = vae.spatial_factor, vae.temporal_factor
+        if self.tile_size is not None:
+            if self.tile_size < sf or self.tile_size % sf:
+                raise ValueError(f"vae.tiling.tile_size={self.tile_size}: must be a positive multiple of "
+                                 f"spatial_factor={sf} (or null for whole frames)")
+            if self.tile_overlap < 0 or self.tile_overlap % sf or self.tile_overlap >= self.tile_size:
+                raise ValueError(f"vae.tiling.tile_overlap={self.tile_overlap}: must be a multiple of "
+                                 f"spatial_factor={sf} in [0, tile_size={self.tile_size})")
+        if self.chunk_frames is not None and (self.chunk_frames < tf or self.chunk_frames % tf):
+            raise ValueError(f"vae.tiling.chunk_frames={self.chunk_frames}: must be a positive multiple of "
+                             f"temporal_factor={tf} (or null for the whole clip)")
+        return self
+
+
 def check_video_size(
     num_frames: int, height: int, width: int, temporal_factor: int, spatial_factor: int
 ) -> None:
@@ -170,6 +202,11 @@ class CausalConv3d(nn.Module):
 
     Replicating frame 0 (instead of zeros) makes a 1-frame input look like a static video, which is
     what makes the latent of an image equal the latent of frame 0 of a video.
+
+    Streaming (inside `causal_stream`): the conv keeps the last kt - stride_t frames it was given
+    and prepends them to the next chunk instead of the replicated frame 0, so a clip fed chunk by
+    chunk gives exactly the outputs of the whole clip (kt - stride_t, not kt - 1: a stride-2 conv's
+    next window starts stride_t frames after the last one it used).
     """
 
     def __init__(
@@ -183,16 +220,38 @@ class CausalConv3d(nn.Module):
         super().__init__()
         kt, kh, kw = kernel
         self.pad_t = kt - 1
+        self.keep_t = kt - stride_t  # frames carried to the next chunk when streaming
         self.conv = nn.Conv3d(
             c_in, c_out, kernel, stride=(stride_t, stride_s, stride_s), padding=(0, kh // 2, kw // 2)
         )
+        self.streaming = False  # set by causal_stream(); never saved (not a buffer)
+        self.cache: torch.Tensor | None = None  # [B, C, keep_t, H, W]: the previous chunk's last frames
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.pad_t:
+        if self.cache is not None:
+            x = torch.cat([self.cache, x], dim=2)  # [B, C, keep_t + T, H, W]
+        elif self.pad_t:
             x = torch.cat(
                 [x[:, :, :1].expand(-1, -1, self.pad_t, -1, -1), x], dim=2
             )  # [B, C, T + kt - 1, H, W]
+        if self.streaming:
+            self.cache = x[:, :, x.shape[2] - self.keep_t :]  # [B, C, keep_t, H, W]
         return self.conv(x)
+
+
+@contextmanager
+def causal_stream(module: nn.Module) -> Iterator[None]:
+    """Within this block, every CausalConv3d in `module` carries its last frames from one call to
+    the next: feed a clip as frame 0 alone, then chunks of k*temporal_factor frames, and the
+    concatenated outputs equal those of the whole clip (see CausalVAE.encode/decode `tiling`)."""
+    convs = [m for m in module.modules() if isinstance(m, CausalConv3d)]
+    for conv in convs:
+        conv.streaming, conv.cache = True, None
+    try:
+        yield
+    finally:
+        for conv in convs:
+            conv.streaming, conv.cache = False, None
 
 
 class FrameGroupNorm(nn.GroupNorm):
@@ -237,13 +296,15 @@ class Downsample(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        first = self.conv.cache is None  # this input starts with frame 0 (always, unless streaming)
         h = self.conv(x)  # [B, C, T', H', W']
         if not self.shortcut:
             return h
         # Causal average pooling as a parameter-free residual (DC-AE, Chen et al. 2024): the block
         # starts near a plain pooling, so information reaches the latent from step 0.
         if self.temporal:
-            x = torch.cat([x[:, :, :1], x], dim=2)  # [B, C, T + 1, H, W]: frame 0 pairs with itself
+            if first:
+                x = torch.cat([x[:, :, :1], x], dim=2)  # [B, C, T + 1, H, W]: frame 0 pairs with itself
             x = (x[:, :, 0::2] + x[:, :, 1::2]) * 0.5  # [B, C, T', H, W]
         if self.spatial:
             x = F.avg_pool3d(x, (1, 2, 2))  # [B, C, T', H/2, W/2]
@@ -267,9 +328,10 @@ class Upsample(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         skip = x
         if self.temporal:
+            drop = 1 if self.time_conv.cache is None else 0  # only the chunk holding frame 0 drops one
             x = self.time_conv(x)  # [B, 2C, T, H, W]
-            x = rearrange(x, "b (r c) t h w -> b c (t r) h w", r=2)[:, :, 1:]  # [B, C, 2T - 1, H, W]
-            skip = skip.repeat_interleave(2, dim=2)[:, :, 1:]  # [B, C, 2T - 1, H, W] (causal nearest)
+            x = rearrange(x, "b (r c) t h w -> b c (t r) h w", r=2)[:, :, drop:]  # [B, C, 2T - 1, H, W]
+            skip = skip.repeat_interleave(2, dim=2)[:, :, drop:]  # [B, C, 2T - 1, H, W] (causal nearest)
         if self.spatial:
             x = x.repeat_interleave(2, dim=3).repeat_interleave(2, dim=4)  # [B, C, T, 2H, 2W] (nearest)
             skip = skip.repeat_interleave(2, dim=3).repeat_interleave(2, dim=4)
@@ -295,6 +357,61 @@ class DiagonalGaussian:
     def kl(self) -> torch.Tensor:
         """KL(q || N(0, I)) averaged over latent elements, per sample: [B]."""
         return 0.5 * (self.mean.pow(2) + self.logvar.exp() - 1.0 - self.logvar).flatten(1).mean(dim=1)
+
+
+# --------------------------------------------------------------------------------------------
+# Tiles and chunks
+# --------------------------------------------------------------------------------------------
+
+
+def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
+    """Start offsets of tiles of `tile` with stride tile - overlap covering [0, size); the last
+    tile is moved back to end at `size`, so every tile is full-sized (one tile if size <= tile)."""
+    if size <= tile:
+        return [0]
+    starts = list(range(0, size - tile, tile - overlap))
+    return starts + [size - tile]
+
+
+def blend_ramp(length: int, overlap: int) -> torch.Tensor:
+    """1-D blending weights [length]: rising linearly over the first `overlap` positions, falling
+    over the last, 1 between; strictly positive, so a position covered by one tile keeps it."""
+    i = torch.arange(length, dtype=torch.float32)
+    return (torch.minimum(i + 1, length - i) / (overlap + 1)).clamp(max=1.0)
+
+
+def tiled_map(
+    x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor], tile: int, overlap: int, scale: float
+) -> torch.Tensor:
+    """Apply `fn` to overlapping square spatial tiles of x [B, C, T, H, W] and blend the outputs.
+
+    `fn` maps a tile [B, C, T, tile, tile] to [B, C', T', tile*scale, tile*scale]; outputs are
+    averaged where tiles overlap, weighted by linear ramps over the overlap (tile*scale and
+    overlap*scale on the output side). Returns [B, C', T', H*scale, W*scale] in float32.
+    """
+    H, W = x.shape[-2:]
+    th, tw = min(tile, H), min(tile, W)
+    out = weight = None
+    for y0 in tile_starts(H, th, overlap):
+        for x0 in tile_starts(W, tw, overlap):
+            y = fn(x[..., y0 : y0 + th, x0 : x0 + tw]).float()  # [B, C', T', th*scale, tw*scale]
+            oh, ow = y.shape[-2:]
+            if out is None:
+                out = y.new_zeros(*y.shape[:-2], round(H * scale), round(W * scale))  # [B, C', T', H', W']
+                weight = y.new_zeros(round(H * scale), round(W * scale))  # [H', W']
+            ov = round(overlap * scale)
+            w = blend_ramp(oh, ov).to(y.device)[:, None] * blend_ramp(ow, ov).to(y.device)[None, :]  # [oh, ow]
+            oy, ox = round(y0 * scale), round(x0 * scale)
+            out[..., oy : oy + oh, ox : ox + ow] += y * w
+            weight[oy : oy + oh, ox : ox + ow] += w
+    return out / weight
+
+
+def temporal_chunks(num_frames: int, chunk: int | None) -> list[tuple[int, int]]:
+    """(start, end) frame ranges: frame 0 alone, then `chunk` frames at a time (None: one range)."""
+    if chunk is None or num_frames <= 1:
+        return [(0, num_frames)]
+    return [(0, 1)] + [(s, min(s + chunk, num_frames)) for s in range(1, num_frames, chunk)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -358,13 +475,32 @@ class CausalVAE(nn.Module):
         self.dec_norm = FrameGroupNorm(g, widths[0])
         self.dec_out = CausalConv3d(widths[0], pixel_channels, (kt, 3, 3))
 
-    def encode(self, video: torch.Tensor) -> DiagonalGaussian:
-        """video [B, 3, T, H, W] in [-1, 1] -> posterior over raw latents [B, C, T', H', W']."""
+    def encode(self, video: torch.Tensor, tiling: TilingConfig | None = None) -> DiagonalGaussian:
+        """video [B, 3, T, H, W] in [-1, 1] -> posterior over raw latents [B, C, T', H', W'].
+
+        `tiling` (optional): encode in spatial tiles and/or temporal chunks (TilingConfig)."""
         if video.ndim != 5 or video.shape[1] != self.config.in_channels:
             raise ValueError(
                 f"video must be [B, {self.config.in_channels}, T, H, W], got {tuple(video.shape)}"
             )
         check_video_size(*video.shape[2:], self.config.temporal_factor, self.config.spatial_factor)
+        if tiling is None or (tiling.tile_size is None and tiling.chunk_frames is None):
+            return DiagonalGaussian(self._moments(video))
+        tiling.validate(self.config)
+        sf = self.config.spatial_factor
+
+        def chunked(tile: torch.Tensor) -> torch.Tensor:  # [B, 3, T, h, w] -> [B, 2C, T', h/sf, w/sf]
+            with causal_stream(self):
+                return torch.cat([self._moments(tile[:, :, a:b]) for a, b in
+                                  temporal_chunks(tile.shape[2], tiling.chunk_frames)], dim=2)
+
+        if tiling.tile_size is None:
+            return DiagonalGaussian(chunked(video))
+        # Blend moments (mean and log-variance), not samples: the posterior stays one Gaussian.
+        return DiagonalGaussian(tiled_map(video, chunked, tiling.tile_size, tiling.tile_overlap, 1 / sf))
+
+    def _moments(self, video: torch.Tensor) -> torch.Tensor:
+        """video [B, 3, T, H, W] -> posterior moments [B, 2 * latent_channels, T', H', W']."""
         p = self.config.patch_size
         x = rearrange(video, "b c t (h p) (w q) -> b (c p q) t h w", p=p, q=p)  # [B, 3*p*p, T, H/p, W/p]
         h = self.enc_in(x)  # [B, C0, T, H/p, W/p]
@@ -378,10 +514,29 @@ class CausalVAE(nn.Module):
             c = self.config.latent_channels
             short = h.float().unflatten(1, (c, -1)).mean(dim=2)  # [B, latent_channels, T', H', W']
             moments = torch.cat([moments[:, :c] + short, moments[:, c:]], dim=1)
-        return DiagonalGaussian(moments)
+        return moments
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """raw latents [B, C, T', H', W'] -> video [B, 3, 1 + (T'-1)*tf, H'*sf, W'*sf] (about [-1, 1])."""
+    def decode(self, z: torch.Tensor, tiling: TilingConfig | None = None) -> torch.Tensor:
+        """raw latents [B, C, T', H', W'] -> video [B, 3, 1 + (T'-1)*tf, H'*sf, W'*sf] (about [-1, 1]).
+
+        `tiling` (optional): decode in spatial tiles and/or temporal chunks (TilingConfig; its
+        sizes are in pixels and frames, converted to latent units here)."""
+        if tiling is None or (tiling.tile_size is None and tiling.chunk_frames is None):
+            return self._decode(z)
+        tiling.validate(self.config)
+        tf, sf = self.config.temporal_factor, self.config.spatial_factor
+        latent_chunk = None if tiling.chunk_frames is None else tiling.chunk_frames // tf
+
+        def chunked(tile: torch.Tensor) -> torch.Tensor:  # [B, C, T', h, w] -> [B, 3, T, h*sf, w*sf]
+            with causal_stream(self):
+                return torch.cat([self._decode(tile[:, :, a:b]) for a, b in
+                                  temporal_chunks(tile.shape[2], latent_chunk)], dim=2)
+
+        if tiling.tile_size is None:
+            return chunked(z)
+        return tiled_map(z, chunked, tiling.tile_size // sf, tiling.tile_overlap // sf, sf).to(z.dtype)
+
+    def _decode(self, z: torch.Tensor) -> torch.Tensor:
         h = self.dec_in(z)  # [B, C_last, T', H', W']
         if self.config.shortcuts:
             h = h + z.repeat_interleave(h.shape[1] // z.shape[1], dim=1)  # mirror of the encoder's average
@@ -413,17 +568,25 @@ def vae_loss(
     kl_weight does not change meaning with resolution or clip length. Logs (detached): recon, kl,
     psnr (dB, peak-to-peak 2 for the [-1, 1] range, on the clamped reconstruction).
     """
+    _, recon_loss, kl, logs = vae_loss_terms(model, video, recon, generator)
+    return recon_loss + kl_weight * kl, logs
+
+
+def vae_loss_terms(
+    model: CausalVAE, video: torch.Tensor, recon: str = "l1", generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """The pieces of `vae_loss`: (reconstruction [B, 3, T, H, W], recon loss, KL, detached logs).
+    Shared with VAELoss (vae_losses.py), which adds perceptual and adversarial terms."""
     if recon not in ("l1", "l2"):
         raise ValueError(f"vae_loss recon={recon!r}: must be 'l1' or 'l2'")
     video_hat, posterior = model(video, generator)
     diff = video_hat.float() - video.float()
     recon_loss = diff.abs().mean() if recon == "l1" else diff.pow(2).mean()
     kl = posterior.kl().mean()
-    loss = recon_loss + kl_weight * kl
     with torch.no_grad():
         mse = (video_hat.float().clamp(-1, 1) - video.float()).pow(2).mean()
         psnr = 10.0 * torch.log10(4.0 / mse.clamp_min(1e-10))
-    return loss, {"recon": recon_loss.detach(), "kl": kl.detach(), "psnr": psnr}
+    return video_hat, recon_loss, kl, {"recon": recon_loss.detach(), "kl": kl.detach(), "psnr": psnr}
 
 
 # --------------------------------------------------------------------------------------------
@@ -436,7 +599,7 @@ class CausalVideoAutoencoder(nn.Module):
 
     encode: video -> (posterior mean - shift) * scale; decode: latents / scale + shift -> video.
     The posterior mean (not a sample) makes encoding deterministic, so precomputed latents are
-    reproducible.
+    reproducible. `tiling` (a TilingConfig, or None) makes encode/decode tiled and chunked.
     """
 
     def __init__(
@@ -446,6 +609,7 @@ class CausalVideoAutoencoder(nn.Module):
         scale: torch.Tensor,
         weights_path: str | None = None,
         name: str = "causal_vae",
+        tiling: TilingConfig | None = None,
     ):
         super().__init__()
         c = vae.config.latent_channels
@@ -461,6 +625,7 @@ class CausalVideoAutoencoder(nn.Module):
         self.spatial_factor = vae.config.spatial_factor
         self.weights_path = weights_path
         self.name = name
+        self.tiling = None if tiling is None else tiling.validate(vae.config)
         self._sha256: str | None = None
         self.eval()
 
@@ -483,14 +648,14 @@ class CausalVideoAutoencoder(nn.Module):
     @torch.no_grad()
     def encode(self, video: torch.Tensor) -> torch.Tensor:
         """video [B, 3, T, H, W] in [-1, 1] -> normalised latents [B, C, T', H', W'] (float32)."""
-        mean = self.vae.encode(video.to(self._param_dtype())).mean  # [B, C, T', H', W']
+        mean = self.vae.encode(video.to(self._param_dtype()), self.tiling).mean  # [B, C, T', H', W']
         return (mean - self.shift.view(1, -1, 1, 1, 1)) * self.scale.view(1, -1, 1, 1, 1)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """normalised latents [B, C, T', H', W'] -> video [B, 3, T, H, W] (float32, about [-1, 1])."""
         z = latents.float() / self.scale.view(1, -1, 1, 1, 1) + self.shift.view(1, -1, 1, 1, 1)
-        return self.vae.decode(z.to(self._param_dtype())).float()
+        return self.vae.decode(z.to(self._param_dtype()), self.tiling).float()
 
     def identity(self) -> dict:
         if self._sha256 is None and self.weights_path is not None:
@@ -585,9 +750,11 @@ def save_vae(
     return weights
 
 
-def load_vae(path: str | os.PathLike, device: str | torch.device = "cpu") -> CausalVideoAutoencoder:
+def load_vae(
+    path: str | os.PathLike, device: str | torch.device = "cpu", tiling: TilingConfig | None = None
+) -> CausalVideoAutoencoder:
     """Load a frozen CausalVideoAutoencoder from a directory holding vae.safetensors + vae.json
-    (or from the vae.safetensors path itself)."""
+    (or from the vae.safetensors path itself); `tiling` makes its encode/decode tiled/chunked."""
     from safetensors.torch import load_file
 
     p = Path(path)
@@ -616,4 +783,4 @@ def load_vae(path: str | os.PathLike, device: str | torch.device = "cpu") -> Cau
         raise ValueError(
             f"{weights} does not match the config in {config_path}: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
-    return CausalVideoAutoencoder(vae, shift, scale, weights_path=str(weights)).to(device)
+    return CausalVideoAutoencoder(vae, shift, scale, weights_path=str(weights), tiling=tiling).to(device)
