@@ -58,6 +58,54 @@ def test_flops_match_counter_plus_attention_term(overrides, latent_shape, text_l
     assert fc.attention == attn
 
 
+# The conditioning / modulation / position variants (tests/test_model_variants.py), one shape each.
+VARIANT_CONFIGS = [
+    (dict(hidden_size=64, depth=2, num_heads=4, modulation="adaln_zero", pooled_text_dim=12), (5, 6, 10), 7, 2),
+    (dict(hidden_size=64, depth=3, num_heads=4, conditioning="mmdit", num_dual_blocks=2), (5, 6, 10), 7, 2),
+    (dict(hidden_size=96, depth=2, num_heads=6, conditioning="mmdit", num_dual_blocks=1, modulation="adaln_zero",
+          patch_size=(2, 2, 2), mlp_ratio=3.0, pos_embed="learned", max_grid=(2, 4, 4)), (4, 8, 8), 5, 1),
+    (dict(hidden_size=48, depth=2, num_heads=3, conditioning="mmdit", pooled_text_dim=8, pos_embed="sincos",
+          text_dim=40), (2, 4, 6), 33, 3),
+]
+
+
+def variant_attention_term(cfg: DiTConfig, latent_shape, text_len: int) -> int:
+    """Per-sample attention FLOPs of any variant: MMDiT attends over the joint text + video sequence."""
+    if cfg.conditioning == "cross_attn":
+        return attention_term(cfg, latent_shape, text_len)
+    n = math.prod(cfg.grid(latent_shape)) + text_len
+    return cfg.depth * attention_flops(n, n, cfg.hidden_size)
+
+
+def counted_variant(model: DiT, latent_shape, text_len: int, batch: int, train: bool) -> int:
+    cfg = model.cfg
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, cfg.in_channels, *latent_shape, generator=gen)
+    t, text = torch.rand(batch, generator=gen), torch.randn(batch, text_len, cfg.text_dim, generator=gen)
+    pooled = torch.randn(batch, cfg.pooled_text_dim, generator=gen) if cfg.pooled_text_dim else None
+    with FlopCounterMode(display=False) as counter:
+        out = model(x, t, text, pooled=pooled)
+        if train:
+            out.square().mean().backward()
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("overrides, latent_shape, text_len, batch", VARIANT_CONFIGS)
+def test_variant_flops_match_counter(overrides, latent_shape, text_len, batch):
+    """As above for the variants: within 2% of counter + attention term (sdpa), exact with the math backend."""
+    model = build(overrides, "sdpa")
+    fc = dit_flops(model.cfg, latent_shape, text_len)
+    attn = variant_attention_term(model.cfg, latent_shape, text_len)
+    fwd = counted_variant(model, latent_shape, text_len, batch, train=False) / batch + attn
+    train = counted_variant(model, latent_shape, text_len, batch, train=True) / batch + 3 * attn
+    assert fc.forward == pytest.approx(fwd, rel=0.02)
+    assert fc.training == pytest.approx(train, rel=0.02)
+    assert fc.attention == attn
+    exact = build(overrides, "math")
+    assert counted_variant(exact, latent_shape, text_len, batch, train=False) == batch * fc.forward
+    assert counted_variant(exact, latent_shape, text_len, batch, train=True) == batch * fc.training
+
+
 @pytest.mark.parametrize("overrides, latent_shape, text_len, batch", CONFIGS)
 def test_flops_exact_with_math_backend(overrides, latent_shape, text_len, batch):
     """The math backend's attention is plain matmuls, which the counter sees: the formula is exact."""

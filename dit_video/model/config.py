@@ -13,6 +13,10 @@ from dataclasses import dataclass
 
 from .attention import BACKENDS
 
+CONDITIONINGS = ("cross_attn", "mmdit")
+MODULATIONS = ("adaln_single", "adaln_zero")
+POS_EMBEDS = ("rope", "sincos", "learned")
+
 
 @dataclass
 class DiTConfig:
@@ -34,6 +38,20 @@ class DiTConfig:
     time_scale: float = 1000.0  # t in [0, 1] is multiplied by this before the sinusoidal embedding
     norm_eps: float = 1e-6  # epsilon of every LayerNorm / RMSNorm in the model
     attn_backend: str = "sdpa"  # attention implementation: "sdpa" (fused torch kernel) or "math" (reference)
+    # How text enters (README "Model variants"): "cross_attn" = video tokens attend to text in every
+    # block (PixArt-alpha, Wan); "mmdit" = joint attention over [text, video] tokens (SD3, Flux,
+    # HunyuanVideo): num_dual_blocks dual-stream blocks, then depth - num_dual_blocks single-stream ones.
+    conditioning: str = "cross_attn"
+    num_dual_blocks: int = 0  # mmdit only: how many of the `depth` blocks keep separate text/video weights
+    # How the timestep (+ pooled text) vector c modulates the blocks: "adaln_single" = one shared
+    # Linear(c -> 6D) plus a learned per-block table (PixArt-alpha); "adaln_zero" = a Linear(c -> 6D)
+    # in every block (the DiT paper; costs 6 D^2 parameters per block).
+    modulation: str = "adaln_single"
+    pooled_text_dim: int = 0  # width of a pooled text vector added to c through an MLP (SD3, Hunyuan); 0 = off
+    # Where token positions come from: "rope" (3D rotary in attention, the rope_* fields), "sincos"
+    # (fixed 3D sin-cos added to the tokens, any grid size) or "learned" (a table of max_grid size).
+    pos_embed: str = "rope"
+    max_grid: tuple[int, int, int] | None = None  # pos_embed=learned: largest token grid (T', H', W') it covers
 
     def __post_init__(self) -> None:
         # Hydra/YAML hands us lists; tuples keep the config hashable and comparable.
@@ -41,6 +59,8 @@ class DiTConfig:
         if self.rope_axes_dim is not None:
             self.rope_axes_dim = tuple(self.rope_axes_dim)
         self.rope_scale = tuple(float(s) for s in self.rope_scale)
+        if self.max_grid is not None:
+            self.max_grid = tuple(self.max_grid)
 
     @property
     def out_dim(self) -> int:
@@ -92,6 +112,34 @@ class DiTConfig:
             raise ValueError(
                 f"model.attn_backend={self.attn_backend!r} is unknown; pick one of {', '.join(BACKENDS)}"
             )
+        for name, value, known in (
+            ("conditioning", self.conditioning, CONDITIONINGS),
+            ("modulation", self.modulation, MODULATIONS),
+            ("pos_embed", self.pos_embed, POS_EMBEDS),
+        ):
+            if value not in known:
+                raise ValueError(f"model.{name}={value!r} is unknown; pick one of {', '.join(known)}")
+        if not isinstance(self.pooled_text_dim, int) or self.pooled_text_dim < 0:
+            raise ValueError(
+                f"model.pooled_text_dim={self.pooled_text_dim!r} must be 0 (off) or the pooled text width"
+            )
+        if self.conditioning == "mmdit" and not 0 <= self.num_dual_blocks < self.depth:
+            raise ValueError(
+                f"model.num_dual_blocks={self.num_dual_blocks} must be in [0, depth={self.depth}): mmdit ends "
+                "with at least one single-stream block (the last dual block's text output would go unused)"
+            )
+        if self.conditioning != "mmdit" and self.num_dual_blocks:
+            raise ValueError(
+                f"model.num_dual_blocks={self.num_dual_blocks} only applies to model.conditioning=mmdit; set it to 0"
+            )
+        if self.pos_embed == "learned" and (
+            self.max_grid is None or len(self.max_grid) != 3
+            or any(not isinstance(n, int) or n < 1 for n in self.max_grid)
+        ):
+            raise ValueError(
+                f"model.max_grid={self.max_grid} must be three positive integers (T', H', W') with "
+                "model.pos_embed=learned: the largest token grid the table covers"
+            )
         if len(self.patch_size) != 3 or any(not isinstance(p, int) or p < 1 for p in self.patch_size):
             raise ValueError(
                 f"model.patch_size={self.patch_size} must be three positive integers (pt, ph, pw)"
@@ -121,6 +169,18 @@ class DiTConfig:
                         f"model.patch_size={self.patch_size} does not divide latent size (T,H,W)="
                         f"{tuple(latent_shape)} along {axis}; pick a patch size dividing it or change data.size"
                     )
+            if self.pos_embed == "learned":
+                check_max_grid(self.grid(latent_shape), self.max_grid)
+
+
+def check_max_grid(grid: tuple[int, int, int], max_grid: tuple[int, int, int]) -> None:
+    """Raise ValueError if a token grid (T', H', W') does not fit a learned position table of max_grid."""
+    for axis, n, limit in zip("THW", grid, max_grid, strict=True):
+        if n > limit:
+            raise ValueError(
+                f"token grid {tuple(grid)} exceeds model.max_grid={tuple(max_grid)} along {axis}: a learned "
+                "position table has no entries there; raise max_grid (and retrain) or use pos_embed=sincos/rope"
+            )
 
 
 # Named sizes. Widths/depths/heads of S, B, L, XL are the DiT paper's (Peebles & Xie 2023, Table 1).

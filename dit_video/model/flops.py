@@ -69,28 +69,50 @@ def attention_flops(n_q: int, n_k: int, dim: int) -> int:
 def dit_flops(cfg: DiTConfig, latent_shape: tuple[int, int, int], text_len: int) -> FlopCount:
     """Per-sample FLOPs of DiT(cfg) on latents of size (T, H, W) with `text_len` (padded) text tokens.
 
-    Cross-attention is counted over all `text_len` positions, padded or not: the kernels compute
-    masked scores too.
+    Cross-attention (and MMDiT's joint attention) is counted over all `text_len` positions, padded
+    or not: the kernels compute masked scores too. Absolute position embeddings are adds, not matmuls.
     """
     N = math.prod(cfg.grid(latent_shape))  # video tokens
     L = text_len
     D = cfg.hidden_size
     F = int(D * cfg.mlp_ratio)
     fc = FlopCount()
-    # 1. embeddings: patch tokens (per token), timestep (per sample), caption projection (per text token)
+    # 1. embeddings: patch tokens (per token), timestep and pooled text (per sample), caption projection (per text token)
     fc.add("patch_embed", linear_flops(N, cfg.patch_dim, D), input_grad=False)
     fc.add("timestep_mlp", linear_flops(1, cfg.freq_dim, D), input_grad=False)
     fc.add("timestep_mlp", linear_flops(1, D, D))
-    fc.add("adaln_single", linear_flops(1, D, 6 * D))
+    if cfg.pooled_text_dim:
+        fc.add("pooled_proj", linear_flops(1, cfg.pooled_text_dim, D), input_grad=False)
+        fc.add("pooled_proj", linear_flops(1, D, D))
+    # adaLN terms: one shared projection per sample (adaLN-single) or one per block (adaLN-Zero),
+    # n modulation vectors each: 6 per cross-attn block or dual-stream stream, 3 per single-stream block
+    def add_adaln_zero(n: int) -> None:
+        if cfg.modulation == "adaln_zero":
+            fc.add("adaln_zero", linear_flops(1, D, n * D))
+
+    if cfg.modulation == "adaln_single":
+        fc.add("adaln_single", linear_flops(1, D, 6 * D))
     fc.add("text_proj", linear_flops(L, cfg.text_dim, D), input_grad=False)
     fc.add("text_proj", linear_flops(L, D, D))
     # 2. blocks
-    for _ in range(cfg.depth):
-        fc.add("self_attn_linear", linear_flops(N, D, 3 * D) + linear_flops(N, D, D))
-        fc.add("self_attention_scores", attention_flops(N, N, D))
-        fc.add("cross_attn_linear", linear_flops(N, D, D) + linear_flops(L, D, 2 * D) + linear_flops(N, D, D))
-        fc.add("cross_attention_scores", attention_flops(N, L, D))
-        fc.add("mlp", linear_flops(N, D, F) + linear_flops(N, F, D))
+    for i in range(cfg.depth):
+        if cfg.conditioning == "cross_attn":
+            fc.add("self_attn_linear", linear_flops(N, D, 3 * D) + linear_flops(N, D, D))
+            fc.add("self_attention_scores", attention_flops(N, N, D))
+            fc.add("cross_attn_linear", linear_flops(N, D, D) + linear_flops(L, D, 2 * D) + linear_flops(N, D, D))
+            fc.add("cross_attention_scores", attention_flops(N, L, D))
+            fc.add("mlp", linear_flops(N, D, F) + linear_flops(N, F, D))
+            add_adaln_zero(6)
+        elif i < cfg.num_dual_blocks:  # dual-stream: each stream its own qkv, proj, MLP over its own tokens
+            for n_tok in (N, L):
+                fc.add("joint_attn_linear", linear_flops(n_tok, D, 3 * D) + linear_flops(n_tok, D, D))
+                fc.add("mlp", linear_flops(n_tok, D, F) + linear_flops(n_tok, F, D))
+                add_adaln_zero(6)
+            fc.add("joint_attention_scores", attention_flops(N + L, N + L, D))
+        else:  # single-stream: one fused qkv+MLP-in and one fused out+MLP-out GEMM over N + L tokens
+            fc.add("single_stream_linear", linear_flops(N + L, D, 3 * D + F) + linear_flops(N + L, D + F, D))
+            fc.add("joint_attention_scores", attention_flops(N + L, N + L, D))
+            add_adaln_zero(3)
     # 3. final layer: adaLN (per sample) and the projection to patch values
     fc.add("final_adaln", linear_flops(1, D, 2 * D))
     fc.add("final_linear", linear_flops(N, D, cfg.out_dim * math.prod(cfg.patch_size)))
@@ -110,15 +132,20 @@ def _main() -> None:
 
     latent_shape, text_len = (9, 32, 32), 226  # dit_256: 33 frames at 256^2 through a 4x8x8 VAE, T5 text
     print(f"latents {latent_shape}, {text_len} text tokens, text_dim 4096, 16 latent channels")
-    print(f"{'preset':>6} {'params':>9} {'tokens':>7} {'fwd GFLOP':>10} {'train GFLOP':>12} {'attn %':>7} {'6NT/exact':>10}")
-    for name in DIT_PRESETS:
-        cfg = DiTConfig(**{**DIT_PRESETS[name], "in_channels": 16, "text_dim": 4096})
+    print(f"{'preset':>7} {'params':>9} {'tokens':>7} {'fwd GFLOP':>10} {'train GFLOP':>12} {'attn %':>7} {'6NT/exact':>10}")
+    # Every preset, then the 1B preset in the conditioning variants (README "Model variants").
+    rows = [(name, DIT_PRESETS[name]) for name in DIT_PRESETS] + [
+        ("1B zero", {**DIT_PRESETS["1B"], "modulation": "adaln_zero"}),
+        ("1B mm", {**DIT_PRESETS["1B"], "conditioning": "mmdit", "num_dual_blocks": 10}),  # Flux-like 1/3 dual
+    ]
+    for name, fields in rows:
+        cfg = DiTConfig(**{**fields, "in_channels": 16, "text_dim": 4096})
         with torch.device("meta"):
             n_params = sum(p.numel() for p in DiT(cfg).parameters())
         fc = dit_flops(cfg, latent_shape, text_len)
         tokens = math.prod(cfg.grid(latent_shape))
         print(
-            f"{name:>6} {n_params / 1e6:8.1f}M {tokens:7d} {fc.forward / 1e9:10.1f} {fc.training / 1e9:12.1f} "
+            f"{name:>7} {n_params / 1e6:8.1f}M {tokens:7d} {fc.forward / 1e9:10.1f} {fc.training / 1e9:12.1f} "
             f"{100 * fc.attention / fc.forward:6.1f}% {naive_training_flops(cfg, n_params, latent_shape) / fc.training:10.2f}"
         )
 
