@@ -10,6 +10,9 @@ Measured in one run, on the same shards, with the same clip shape (--num-frames 
                   collate) with 0 and 2 DataLoader workers
   latent loader   LatentDataModule over a cache of the same clips (encoded first, not timed),
                   0 workers
+  decode_clip, X  data.decoder=X (decord, pyav, torchcodec) through the loader's decode_clip,
+                  bytes in memory, one process: the backends side by side (torchcodec only
+                  where it loads; otherwise the reason is printed)
 Each clip measurement is repeated --repeats times, alternating, and the median is reported.
 Prints clips/s and the ratios the issue asks about: loader(0 workers) / raw decode (target
 >= 0.9: the loader adds little to decoding), loader(2) / loader(0) (scaling; this machine has 2
@@ -34,7 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dit_video.data.decode import frame_indices  # noqa: E402
+from dit_video.data.decode import decode_clip, frame_indices, torchcodec_problem  # noqa: E402
 from dit_video.data.index import MemberReader, build_index  # noqa: E402
 from dit_video.data.loader import VideoDataConfig, VideoDataModule, resolve_shards  # noqa: E402
 
@@ -52,6 +55,18 @@ def raw_decord(shards: list[str], clips: int, num_frames: int, fps: float | None
         video = decord.VideoReader(io.BytesIO(data), num_threads=1)
         indices = frame_indices(len(video), video.get_avg_fps(), num_frames, fps, rng)
         video.get_batch(indices.tolist()).asnumpy()
+    return len(blobs) / (time.perf_counter() - start)
+
+
+def backend_rate(shards: list[str], clips: int, num_frames: int, fps: float | None, backend: str) -> float:
+    index = build_index(shards)
+    reader = MemberReader(shards)
+    blobs = [reader.read(ref, ("mp4",))["mp4"] for ref in index.samples[:clips]]
+    reader.close()
+    rng = np.random.default_rng(0)
+    start = time.perf_counter()
+    for data in blobs:
+        decode_clip(data, num_frames, fps, rng, backend=backend)
     return len(blobs) / (time.perf_counter() - start)
 
 
@@ -84,9 +99,13 @@ def main(argv: list[str] | None = None) -> dict:
     if not shards:
         parser.error(f"--shards: no files match {args.shards!r} (python -m data_prep.make_demo --out data/demo)")
 
+    backends = ["decord", "pyav"] + ([] if torchcodec_problem() else ["torchcodec"])
     runs: dict[str, list[float]] = {}
     for _ in range(args.repeats):  # alternate the measurements: load on this shared machine drifts
         runs.setdefault("raw decord (1 process)", []).append(raw_decord(shards, args.clips, args.num_frames, args.fps))
+        for backend in backends:
+            rate = backend_rate(shards, args.clips, args.num_frames, args.fps, backend)
+            runs.setdefault(f"decode_clip, {backend}", []).append(rate)
         for workers in (0, 2):
             cfg = VideoDataConfig(shards=shards, val_shards=None, num_frames=args.num_frames, fps=args.fps,
                                   size=tuple(args.size), batch_size=args.batch_size, num_workers=workers,
@@ -122,6 +141,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"  loader(0) / raw decode      {l0 / raw:9.2f}x   (target >= 0.9)")
     print(f"  loader(2) / loader(0)       {l2 / l0:9.2f}x   (2 shared CPU cores here)")
     print(f"  latent / loader(0)          {lat / l0:9.1f}x   (target >= 20)")
+    if torchcodec_problem():
+        print(f"  torchcodec not measured: {torchcodec_problem()}")
     return results
 
 

@@ -18,8 +18,9 @@ Steps, per source video (see `IngestConfig` for every option and its default):
 Every dropped source or clip is counted by reason in report.json, next to the thresholds used,
 so a run can say exactly what it trained on and what it left out and why.
 
-Output (OUT/): {prefix}-{unit:05d}-{k:06d}.tar shards; manifest.jsonl (and manifest.parquet when
-pyarrow is installed) with one row per sample: shard, key and its metadata; report.json.
+Output (OUT/): {prefix}-{unit:05d}-{k:06d}.tar shards; the manifest, one row per sample (shard, key
+and its metadata) as manifest.jsonl and/or manifest.parquet (--manifest-format; read either with
+`read_manifest`); report.json.
 Work is cut into units of --unit-size sources, processed in parallel (--workers processes);
 a finished unit leaves OUT/.ingest/unit-XXXXX.json, so an interrupted run continues where it
 stopped when started again with the same arguments.
@@ -50,6 +51,7 @@ from dit_video.data.index import VIDEO_EXTS, MemberReader, build_index
 from dit_video.data.shards import ShardWriter, encode_mp4
 
 STATE_DIR = ".ingest"
+MANIFEST_FORMATS = ("auto", "jsonl", "parquet", "both")
 THUMB = 32  # thumbnails for scene cuts and motion: 32x32 RGB, values 0-255
 
 
@@ -82,6 +84,7 @@ class IngestConfig:
     min_caption_words: int = 1  # fewer words: caption_too_short
     max_caption_chars: int = 1000  # more characters: caption_too_long
     caption_blocklist: list[str] = field(default_factory=list)  # words (case-insensitive) that drop a caption
+    manifest_format: str = "auto"  # "jsonl", "parquet", "both", or "auto" (jsonl, plus parquet if pyarrow is installed)
 
     def validate(self) -> None:
         if self.split not in ("none", "fixed", "scene", "scene+fixed"):
@@ -100,6 +103,11 @@ class IngestConfig:
             raise ValueError("--clip-seconds, --shard-size, --unit-size and --workers must be positive")
         if self.max_size is not None and self.max_size < 2:
             raise ValueError(f"--max-size must be >= 2 pixels, got {self.max_size}")
+        if self.manifest_format not in MANIFEST_FORMATS:
+            raise ValueError(f"--manifest-format: use one of {', '.join(MANIFEST_FORMATS)}, got {self.manifest_format!r}")
+        if self.manifest_format in ("parquet", "both") and not _have_pyarrow():
+            raise ValueError(f"--manifest-format {self.manifest_format} needs pyarrow: pip install 'dit-video[parquet]' "
+                             "(or use --manifest-format jsonl)")
 
 
 # ---------------------------------------------------------------------------------- sources
@@ -486,8 +494,16 @@ def finish(cfg: IngestConfig, num_units: int, resumed_units: int, seconds: float
     drops: Counter = Counter()
     for s in states:
         drops.update(s["dropped_by_reason"])
-    _write_atomic(out / "manifest.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
-    parquet = write_parquet(rows, out / "manifest.parquet")
+    fmt = cfg.manifest_format
+    if fmt == "auto":
+        fmt = "both" if _have_pyarrow() else "jsonl"
+    written = []
+    if fmt in ("jsonl", "both"):
+        _write_atomic(out / "manifest.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+        written.append("manifest.jsonl")
+    if fmt in ("parquet", "both"):
+        write_parquet(rows, out / "manifest.parquet")
+        written.append("manifest.parquet")
     report = {
         "sources": sum(s["sources"] for s in states),
         "clips_written": len(rows),
@@ -495,7 +511,7 @@ def finish(cfg: IngestConfig, num_units: int, resumed_units: int, seconds: float
         "dropped_total": sum(drops.values()),
         "shards": sorted(name for s in states for name in s["shards"]),
         "units": num_units, "units_resumed": resumed_units, "seconds": round(seconds, 2),
-        "manifest": ["manifest.jsonl"] + (["manifest.parquet"] if parquet else []),
+        "manifest": written,
         "config": dataclasses.asdict(cfg),
     }
     report["config"]["max_aspect"] = None if math.isinf(cfg.max_aspect) else cfg.max_aspect  # JSON has no inf
@@ -503,15 +519,33 @@ def finish(cfg: IngestConfig, num_units: int, resumed_units: int, seconds: float
     return report
 
 
-def write_parquet(rows: list[dict], path: Path) -> bool:
-    """manifest.parquet via pyarrow if it is installed (the JSONL manifest is always written)."""
+def _have_pyarrow() -> bool:
     try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
+        import pyarrow.parquet  # noqa: F401
     except ImportError:
         return False
-    pq.write_table(pa.Table.from_pylist(rows), str(path))
     return True
+
+
+def write_parquet(rows: list[dict], path: Path) -> None:
+    """manifest.parquet (pyarrow): one row per sample, one column per field (absent fields are null)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tmp = path.with_name(path.name + ".partial")
+    pq.write_table(pa.Table.from_pylist(rows), str(tmp))
+    os.replace(tmp, path)  # like the JSONL: a reader never sees half a manifest
+
+
+def read_manifest(path: str | Path) -> list[dict]:
+    """Rows of a manifest.jsonl or manifest.parquet (by suffix). Parquet stores every column for
+    every row, so fields a row did not have come back as None."""
+    path = Path(path)
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(str(path)).to_pylist()
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _write_atomic(path: Path, text: str) -> None:

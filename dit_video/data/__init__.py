@@ -5,6 +5,7 @@
   index.py      tar headers -> random-access sample index; structural damage counted by reason
   order.py      the exact, resumable sample order: f(seed, epoch, world size, rank, worker)
   buckets.py    (num_frames, H, W) buckets with batch sizes from a voxel budget
+  packing.py    token-budget packed batches of clips of any bucket (data.packing; DiT.forward_packed)
   decode.py     decode_clip (decord / PyAV), decode_image, resize_crop, TimedCall, SampleError
   loader.py     VideoDataConfig, VideoShardDataset, collate_clips, VideoDataModule (state_dict:
                 the loader position for checkpoints; its docstring states the resume guarantee)

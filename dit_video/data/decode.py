@@ -1,13 +1,18 @@
-"""mp4 bytes -> clip: frame sampling at a target fps, two decoder backends, resize and crop.
+"""mp4 bytes -> clip: frame sampling at a target fps, three decoder backends, resize and crop.
 
 Backends: decord (fast random access; its wheel bundles FFmpeg 4.1) and PyAV (always present,
 the reference). "auto" prefers decord and falls back to PyAV when decord is missing or cannot
 open the bytes. The decord reader is created from a BytesIO inside the calling process: a
 reader made in the parent and inherited by DataLoader workers deadlocks (decord #294).
+"torchcodec" (PyTorch's decoder, chosen explicitly) loads the system's FFmpeg 4-8 shared
+libraries and must be built for the installed torch: on CPU torch 2.13 that is torchcodec
+0.11-0.13 (PyPI's 0.14+ wheels link CUDA 13 and libtorch_cuda). `torchcodec_problem()` says in
+one line why it cannot run here; the data config refuses `data.decoder=torchcodec` with it.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 
@@ -21,7 +26,7 @@ try:
 except ImportError:  # decord has wheels for x86-64 Linux only
     decord = None
 
-BACKENDS = ("auto", "decord", "pyav")
+BACKENDS = ("auto", "decord", "pyav", "torchcodec")
 
 
 class SampleError(Exception):
@@ -87,6 +92,35 @@ def _decode_pyav(data: bytes, num_frames: int, fps: float | None, rng: np.random
         return np.stack([frames[i] for i in indices.tolist()])  # [T, H, W, 3]
 
 
+def _decode_torchcodec(data: bytes, num_frames: int, fps: float | None, rng: np.random.Generator) -> np.ndarray:
+    from torchcodec.decoders import VideoDecoder
+
+    # One FFmpeg thread, as for the other backends: DataLoader workers already give one decode per core.
+    decoder = VideoDecoder(data, dimension_order="NHWC", num_ffmpeg_threads=1)
+    source_fps = decoder.metadata.average_fps
+    if not source_fps or source_fps <= 0:
+        raise SampleError("decode_error", "video stream has no frame rate")
+    indices = frame_indices(len(decoder), float(source_fps), num_frames, fps, rng)
+    return decoder.get_frames_at(indices.tolist()).data.numpy()  # [T, H, W, 3]
+
+
+@functools.cache
+def torchcodec_problem() -> str | None:
+    """None if the torchcodec backend can decode in this process, else one line: why not, and the fix."""
+    try:
+        from torchcodec.decoders import VideoDecoder  # noqa: F401
+    except ImportError:
+        return ("torchcodec is not installed; pip install 'torchcodec>=0.11,<0.14' (CPU builds for torch "
+                f"{torch.__version__.split('+')[0]}) and FFmpeg 4-8 shared libraries, or use decoder auto/pyav")
+    except Exception as exc:  # its native libraries did not load (RuntimeError listing every FFmpeg tried)
+        reason = _first_line(exc).split(". Likely causes")[0]
+        return (f"torchcodec is installed but cannot load ({reason}): it needs FFmpeg 4-8 shared "
+                "libraries on the loader path (apt install ffmpeg / conda install ffmpeg) and a build matching "
+                f"torch {torch.__version__} (CPU torch: torchcodec 0.11-0.13; PyPI 0.14+ needs CUDA 13); "
+                "or use decoder auto/pyav")
+    return None
+
+
 def decode_clip(data: bytes, num_frames: int, fps: float | None, rng: np.random.Generator,
                 backend: str = "auto") -> np.ndarray:
     """Decode `num_frames` frames sampled at `fps` from mp4 bytes -> uint8 [T, H, W, 3].
@@ -100,6 +134,16 @@ def decode_clip(data: bytes, num_frames: int, fps: float | None, rng: np.random.
         raise ValueError("decoder 'decord' is not installed here; use decoder 'auto' or 'pyav'")
     if num_frames < 1:
         raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+    if backend == "torchcodec":
+        problem = torchcodec_problem()
+        if problem:
+            raise ValueError(f"decoder 'torchcodec': {problem}")
+        try:
+            return _decode_torchcodec(data, num_frames, fps, rng)
+        except SampleError:
+            raise
+        except Exception as exc:  # RuntimeError / ValueError from FFmpeg for bad bytes
+            raise SampleError("decode_error", f"torchcodec: {type(exc).__name__}: {_first_line(exc)}") from None
 
     if backend in ("auto", "decord") and decord is not None:
         state = rng.bit_generator.state  # so a PyAV retry draws the same start as decord would have

@@ -8,6 +8,11 @@
   on a GPU node and runs its tests on a laptop. Key-padding masks (text) become cu_seqlens: the
   padded keys are dropped instead of masked, which is where varlen beats a masked dense kernel.
   Masks that are not key-padding masks (e.g. block-diagonal packing masks given densely) go to sdpa.
+
+Packed sequences (NaViT, Dehghani et al. 2023; dit_video/model/packing.py) pass a `PackedMask`:
+several clips concatenated along the token axis, each attending only to its own segment. flash
+runs it as varlen with the segments' cu_seqlens (no ΣN x ΣN matrix at all); sdpa and math get the
+equivalent dense block-diagonal bool mask, built once per forward and shared by every layer.
 """
 
 from __future__ import annotations
@@ -25,6 +30,30 @@ except ImportError:  # pragma: no cover - depends on the machine
 BACKENDS = ("sdpa", "math", "flash")
 
 
+class PackedMask:
+    """Block-diagonal attention over packed segments: query segment s sees key segment s only.
+
+    q_lens [S] and k_lens [S]: tokens per segment along the query and the key axis (both packed
+    contiguously, segment 0 first). A segment with no keys (e.g. a caption with no real token)
+    gets zero output, as a fully masked query row does everywhere else.
+    """
+
+    def __init__(self, q_lens: torch.Tensor, k_lens: torch.Tensor):
+        self.q_lens, self.k_lens = q_lens, k_lens  # [S], [S]
+        self.cu_seqlens_q, self.cu_seqlens_k = _cu_seqlens(q_lens), _cu_seqlens(k_lens)  # [S+1] int32
+        self.max_seqlen_q, self.max_seqlen_k = int(q_lens.max()), int(k_lens.max())
+        self._dense: torch.Tensor | None = None
+
+    def dense(self) -> torch.Tensor:
+        """The same mask as a bool [1, 1, ΣNq, ΣNk] tensor (True = may attend), built on first use."""
+        if self._dense is None:
+            segments = torch.arange(len(self.q_lens), device=self.q_lens.device)  # [S]
+            q_seg = segments.repeat_interleave(self.q_lens)  # [ΣNq] segment of each query
+            k_seg = segments.repeat_interleave(self.k_lens)  # [ΣNk] segment of each key
+            self._dense = (q_seg[:, None] == k_seg[None, :])[None, None]  # [1, 1, ΣNq, ΣNk]
+        return self._dense
+
+
 def attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None, backend: str = "sdpa"
 ) -> torch.Tensor:
@@ -33,7 +62,12 @@ def attention(
     q [B, heads, Nq, head_dim], k and v [B, heads, Nk, head_dim] -> [B, heads, Nq, head_dim].
     mask: optional bool broadcastable to [B, heads, Nq, Nk], True = may attend. A query whose keys
     are all masked out gets a zero output (what CPU SDPA returns; the math path matches it).
+    Or a PackedMask (B = 1, segments packed along Nq and Nk): block-diagonal attention.
     """
+    if isinstance(mask, PackedMask):
+        if backend == "flash" and flash_can_run(q):
+            return _flash_packed_attention(q, k, v, mask)
+        mask = mask.dense()  # [1, 1, Nq, Nk]
     if backend == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     if backend == "math":
@@ -84,6 +118,20 @@ def _flash_varlen_attention(
     )  # [B*Nq, H, hd]
     # A sample with no real key: flash-attn returns zeros for an empty segment, as sdpa does.
     return out.reshape(B, Nq, H, hd).transpose(1, 2)  # [B, H, Nq, hd]
+
+
+def _flash_packed_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: PackedMask
+) -> torch.Tensor:
+    hd = q.shape[3]
+    q_tok, k_tok, v_tok = (x[0].transpose(0, 1).contiguous() for x in (q, k, v))  # [ΣN, H, hd]: already packed
+    out = flash_attn_varlen_func(
+        q_tok, k_tok, v_tok,
+        cu_seqlens_q=mask.cu_seqlens_q, cu_seqlens_k=mask.cu_seqlens_k,
+        max_seqlen_q=mask.max_seqlen_q, max_seqlen_k=mask.max_seqlen_k,
+        softmax_scale=1.0 / math.sqrt(hd),
+    )  # [ΣNq, H, hd]
+    return out.transpose(0, 1)[None]  # [1, H, ΣNq, hd]
 
 
 def _math_attention(

@@ -59,3 +59,19 @@ def apply_rope(x: torch.Tensor, table: tuple[torch.Tensor, torch.Tensor]) -> tor
     """
     cos, sin = (c.to(x.dtype) for c in table)
     return x * cos + rotate_half(x) * sin
+
+
+def packed_rope_table(
+    grids,
+    axes_dim: tuple[int, int, int],
+    theta: float,
+    device: torch.device | None = None,
+    scale: tuple[float, float, float] = (1.0, 1.0, 1.0),
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin), each [ΣN, head_dim], for clips packed one after another (NaViT).
+
+    grids: the (T', H', W') token grid of each clip in packing order. Every clip's positions
+    start at 0, as if it ran alone, so a packed clip sees exactly the rotations of its solo run.
+    """
+    tables = [rope_table(tuple(g), axes_dim, theta, device=device, scale=scale) for g in grids]
+    return torch.cat([cos for cos, _ in tables]), torch.cat([sin for _, sin in tables])  # [ΣN, hd] each
