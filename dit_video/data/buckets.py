@@ -79,3 +79,11 @@ def assign_bucket(buckets: Sequence[Bucket], width: int, height: int, frames: in
         if best_score is None or score < best_score:
             best, best_score = i, score
     return best
+
+
+def image_buckets(buckets: Sequence[Bucket], image_batch_size: int | None = None) -> list[Bucket | None]:
+    """Joint image+video training: the 1-frame shape an image batch made from each bucket's clips
+    is read at (same H, W; image_batch_size images, None = the bucket's batch_size), or None for
+    a bucket that is already 1-frame (its samples are images anyway)."""
+    return [None if b.num_frames == 1 else Bucket(1, b.height, b.width, image_batch_size or b.batch_size)
+            for b in buckets]

@@ -69,3 +69,38 @@ def eval_steps(num_batches: int, world_size: int, rank: int, num_workers: int, w
     """Global batch indices of one validation reader: batch g goes to rank g mod W (no drops)."""
     mine = range(rank, num_batches, world_size)
     yield from (mine[s] for s in range(worker, len(mine), num_workers))
+
+
+def mix_image_batches(batches: Sequence[np.ndarray], bucket_of: np.ndarray, image_batch_sizes: Sequence[int],
+                      image_ratio: float, seed: int, epoch: int) -> tuple[list[np.ndarray], list[int]]:
+    """Joint image+video training: add image batches to an epoch's clip batches.
+
+    batches: the epoch's global batches (epoch_batches); image_batch_sizes[b]: images per image
+    batch made from bucket b's samples (0 = none). Returns (batches, bucket id per batch), where
+    an image batch of bucket b has id len(image_batch_sizes) + b (the loader reads one frame of
+    each of its clips). For a bucket with n clip batches, n * r / (1 - r) image batches are added
+    (stochastically rounded per epoch), so a fraction r = image_ratio of all batches are images on
+    average; their samples come from fresh permutations of the bucket, then clip and image
+    batches are shuffled together. Like epoch_batches, a pure function of (seed, epoch).
+    """
+    num_buckets = len(image_batch_sizes)
+    ids = [int(bucket_of[b[0]]) for b in batches]
+    if image_ratio <= 0:
+        return list(batches), ids
+    rounding = np.random.default_rng([seed, epoch, 4])
+    images: list[np.ndarray] = []
+    image_ids: list[int] = []
+    for bucket, size in enumerate(image_batch_sizes):
+        members = np.flatnonzero(bucket_of == bucket)  # [n_b]
+        want = ids.count(bucket) * image_ratio / (1.0 - image_ratio)
+        count = int(want) + int(rounding.random() < want - int(want))  # one draw per bucket, used or not
+        if size == 0 or count == 0 or len(members) == 0:
+            continue
+        draw = np.random.default_rng([seed, epoch, 5, bucket])
+        laps = -(-count * size // len(members))  # permutations needed to fill `count` batches
+        pool = np.concatenate([draw.permutation(members) for _ in range(laps)])  # [laps * n_b]
+        images.extend(pool[i * size:(i + 1) * size] for i in range(count))
+        image_ids.extend([num_buckets + bucket] * count)
+    mixed, mixed_ids = list(batches) + images, ids + image_ids
+    order = np.random.default_rng([seed, epoch, 6]).permutation(len(mixed))
+    return [mixed[i] for i in order], [mixed_ids[i] for i in order]
