@@ -1,4 +1,5 @@
-"""Parallelism from the outside: activation checkpointing, torch.compile and FSDP2, per DiT block.
+"""Parallelism from the outside: activation checkpointing, torch.compile, FSDP2 and sequence
+parallelism (Ulysses or ring attention), per DiT block.
 
 The model (dit_video/model) never branches on any of these; `parallelize` rewrites a built model
 in place, torchtitan-style, and is what a LightningModule's `configure_model` calls. Order
@@ -6,16 +7,25 @@ matters and follows torchtitan: checkpointing wraps the block, compile compiles 
 (so the recompute is compiled too), and FSDP shards last (each block is one all-gather unit,
 then the root picks up the embeddings and the final layer).
 
-Parameter names (state_dict keys) are unchanged by all three, so checkpoints move freely between
+Parameter names (state_dict keys) are unchanged by all of them, so checkpoints move freely between
 a plain model and a parallelized one.
+
+Sequence parallelism (`shard_sequence`) is applied before the others. The world is a
+(data-parallel, sequence-parallel) grid in row-major order: ranks sp*d ... sp*d + sp-1 form one
+sequence-parallel group, which reads the batches of data-parallel rank d
+(`dit_video.data.loader.dist_info`, `data_parallel_sampler_kwargs`). Gradients are still averaged over
+all dp x sp ranks (DDP, FSDP2 over the whole world); `gather_sequence`'s backward makes that exact.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
+
+SP_ATTENTIONS = ("ulysses", "ring")  # dit_video/distributed.py: ulysses_attention, ring_attention
 
 
 @dataclass
@@ -26,6 +36,8 @@ class ParallelConfig:
     fsdp: bool = False  # shard parameters with FSDP2 fully_shard per block, then the root (needs a process group)
     fsdp_param_dtype: str | None = "bfloat16"  # FSDP2 all-gather/compute dtype of the weights; None = keep float32
     fsdp_reshard_after_forward: bool = True  # ZeRO-3 (True) or keep gathered weights until backward (ZeRO-2-like)
+    sequence_parallel_size: int = 1  # ranks that split one sequence's tokens (needs a process group); 1 = off
+    sp_attention: str = "ulysses"  # self-attention across the split: ulysses (heads % sp == 0) | ring (any heads)
 
 
 def parallelize(model: nn.Module, cfg: ParallelConfig, mesh=None) -> nn.Module:
@@ -69,17 +81,24 @@ def checkpointed(block: nn.Module) -> nn.Module:
     return checkpoint(block)
 
 
-def parallelize_dit_module(module: nn.Module, cfg: ParallelConfig, mesh=None) -> None:
-    """What DiTModule.configure_model calls: `parallelize` the trained DiT; under FSDP also shard its
+def parallelize_dit_module(module: nn.Module, cfg: ParallelConfig, mesh=None):
+    """What DiTModule.configure_model calls: `shard_sequence` (sequence parallelism) and
+    `parallelize` the trained DiT; under FSDP also shard its
     EMA copy the same way, so the per-step EMA update is a local op on matching shards and the EMA
     is saved sharded with the rest. The frozen VAE and text encoder are left alone: they hold no
     optimizer state, so sharding them would only add all-gathers to every forward.
 
     mesh: Lightning's ModelParallelStrategy device mesh ("data_parallel" dimension used), or None.
+    Returns this rank's sequence-parallel process group (None without sequence parallelism).
     """
     dp_mesh = mesh["data_parallel"] if mesh is not None else None
     if getattr(module, "_dit_video_parallelized", False):
-        return  # configure_model may run more than once (e.g. fit then validate)
+        return module._dit_video_sequence_group  # configure_model may run more than once (e.g. fit then validate)
+    group = None
+    if cfg.sequence_parallel_size > 1:
+        # Only the trained DiT: the EMA copy (samples, held-out loss) runs whole sequences per rank.
+        group = sequence_parallel_group(cfg.sequence_parallel_size)
+        shard_sequence(module.dit, group, cfg.sp_attention)
     parallelize(module.dit, cfg, dp_mesh)
     if cfg.fsdp:
         from torch.distributed.fsdp import fully_shard
@@ -87,7 +106,123 @@ def parallelize_dit_module(module: nn.Module, cfg: ParallelConfig, mesh=None) ->
         for block in module.ema.blocks:
             fully_shard(block, mesh=dp_mesh)
         fully_shard(module.ema, mesh=dp_mesh)
-    module._dit_video_parallelized = True
+    module._dit_video_parallelized, module._dit_video_sequence_group = True, group
+    return group
+
+
+# ----------------------------------------------------------------------------- sequence parallelism
+
+
+def sequence_parallel_group(size: int):
+    """This rank's sequence-parallel process group: consecutive ranks [size*d, size*(d+1)).
+
+    Collective: every rank of the default group must call it (each `new_group` is)."""
+    import torch.distributed as dist
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if world % size:
+        raise ValueError(f"strategy.sequence_parallel_size={size} must divide the world size {world} "
+                         "(trainer.devices x trainer.num_nodes)")
+    mine = None
+    for first in range(0, world, size):
+        ranks = list(range(first, first + size))
+        group = dist.new_group(ranks)
+        if rank in ranks:
+            mine = group
+    return mine
+
+
+def shard_sequence(dit: nn.Module, group, attention: str = "ulysses") -> nn.Module:
+    """Split a DiT's training forward along the token sequence over the ranks of `group`.
+
+    Hooks only (the model code stays free of torch.distributed), active for forwards in training
+    mode; eval-mode forwards run the whole sequence on each rank as before:
+      1. the patch embedding's output [B, N, D] -> this rank's contiguous tokens [B, N/P, D];
+      2. every self-attention: its RoPE table rows cut to the same tokens, and its `attend`
+         runs Ulysses or ring attention across the group (cross-attention and MLPs are per token);
+      3. the final layer's output [B, N/P, C_out*p] -> all ranks' tokens [B, N, C_out*p]
+         (`gather_sequence`), so unpatchify and the objective's loss see the whole sequence.
+    Every rank of the group must get the same inputs (batch, noise, t): checked at the first forward.
+    """
+    import torch.distributed as dist
+
+    from dit_video.distributed import gather_sequence, ring_attention, ulysses_attention
+    from dit_video.model.attention import attention as full_attention
+
+    if attention not in SP_ATTENTIONS:
+        raise ValueError(f"strategy.sp_attention={attention!r}: use one of {', '.join(SP_ATTENTIONS)}")
+    cfg, P, rank = dit.cfg, dist.get_world_size(group), dist.get_rank(group)
+    unsupported = {"conditioning": (cfg.conditioning, "cross_attn"), "pos_embed": (cfg.pos_embed, "rope")}
+    for field, (value, needed) in unsupported.items():
+        if value != needed:  # joint text+video attention / absolute positions added to all N tokens
+            raise ValueError(f"sequence parallelism supports model.{field}={needed} only (got {value!r})")
+    if attention == "ulysses" and cfg.num_heads % P:
+        raise ValueError(f"strategy.sp_attention=ulysses needs model.num_heads={cfg.num_heads} divisible by "
+                         f"strategy.sequence_parallel_size={P}: change either, or use strategy.sp_attention=ring")
+    sp_attention = partial(ulysses_attention if attention == "ulysses" else ring_attention, group=group)
+    # Set by each DiT forward and kept until the next one: activation checkpointing recomputes
+    # blocks during backward, after the forward has returned, and must shard the same way.
+    state = {"sharded": False, "checked": False}
+
+    def mine(table: torch.Tensor, n: int) -> torch.Tensor:
+        return table.narrow(-2, rank * n, n)  # rows (tokens) rank*n ... rank*n + n-1
+
+    def start(module, args, kwargs):
+        state["sharded"] = module.training
+        if module.training and not state["checked"]:
+            inputs = dict(zip(("x", "t"), args[:2], strict=False)) | kwargs  # x, t given by position or name
+            _check_same_inputs(inputs["x"], inputs["t"], group)
+            state["checked"] = True
+
+    def split_tokens(module, args, tokens):  # [B, N, D] -> [B, N/P, D]
+        if not state["sharded"]:
+            return tokens
+        if tokens.shape[1] % P:
+            raise ValueError(f"{tokens.shape[1]} tokens per clip do not split over strategy.sequence_parallel_size="
+                             f"{P}: pick data.num_frames/data.size so the token count is a multiple of it")
+        return mine(tokens, tokens.shape[1] // P)
+
+    def split_rope(module, args):  # (x [B, N/P, D], rope ([N, hd], [N, hd]), ...) -> rope rows ([N/P, hd], ...)
+        if not state["sharded"]:
+            return None
+        x, rope, *rest = args
+        return (x, tuple(mine(table, x.shape[1]) for table in rope), *rest)
+
+    def attend(q, k, v, mask=None, backend="sdpa"):
+        if state["sharded"]:
+            if mask is not None:  # forward_packed bypasses the token split; its PackedMask would be wrong here
+                raise ValueError("sequence parallelism does not support packed sequences (DiT.forward_packed)")
+            return sp_attention(q, k, v, backend=backend)  # [B, H, N/P, hd]
+        return full_attention(q, k, v, mask=mask, backend=backend)
+
+    def gather_tokens(module, args, out):  # [B, N/P, C_out*p] -> [B, N, C_out*p]
+        return gather_sequence(out, group) if state["sharded"] else out
+
+    dit.register_forward_pre_hook(start, with_kwargs=True)
+    dit.x_embedder.register_forward_hook(split_tokens)
+    for block in dit.blocks:
+        block.attn.register_forward_pre_hook(split_rope)
+        block.attn.attend = attend
+    dit.final_layer.register_forward_hook(gather_tokens)
+    return dit
+
+
+def _check_same_inputs(x: torch.Tensor, t: torch.Tensor, group) -> None:
+    """Raise if the ranks of a sequence-parallel group got different noisy latents or t."""
+    import torch.distributed as dist
+
+    summary = torch.stack([x.double().sum(), x.double().square().sum(), t.double().sum()]).detach()  # [3]
+    mine = summary.clone()
+    dist.all_reduce(summary, group=group)
+    if not torch.allclose(summary, mine * dist.get_world_size(group), rtol=1e-6):
+        raise RuntimeError("the ranks of one sequence-parallel group got different inputs: their data loader must "
+                           "shard by data-parallel rank (dit_video.data.loader.dist_info) and their noise/t RNG "
+                           "must agree (dit_video.distributed.share_rng)")
+
+
+def data_parallel_sampler_kwargs(global_rank: int, world_size: int, sequence_parallel_size: int) -> dict:
+    """Which data shard a rank reads: its data-parallel coordinate in the (dp, sp) grid."""
+    return {"num_replicas": world_size // sequence_parallel_size, "rank": global_rank // sequence_parallel_size}
 
 
 # ----------------------------------------------------------------------------- Lightning strategies
@@ -105,7 +240,8 @@ class StrategyConfig:
     zero_stage: int = 2  # deepspeed: ZeRO stage 1/2/3
     offload_optimizer: bool = False  # deepspeed: optimizer states in CPU memory (ZeRO-Offload)
     offload_params: bool = False  # deepspeed stage 3: parameters in CPU memory too (ZeRO-Infinity, CPU)
-    sequence_parallel_size: int = 1  # Ulysses ranks per sequence (dit_video/distributed.py); 1 = off
+    sequence_parallel_size: int = 1  # ranks per sequence (ddp, fsdp): tokens split over them; 1 = off
+    sp_attention: str = "ulysses"  # ulysses (all-to-all over heads; heads % size == 0) | ring (any heads)
     parallel: dict | None = None  # ParallelConfig fields: AC, compile, FSDP2 dtypes
 
     def validate(self) -> None:
@@ -115,11 +251,13 @@ class StrategyConfig:
             raise ValueError(f"strategy.zero_stage={self.zero_stage}: use 1, 2 or 3")
         if self.offload_params and self.zero_stage != 3:
             raise ValueError("strategy.offload_params needs strategy.zero_stage=3 (only ZeRO-3 partitions parameters)")
-        if self.sequence_parallel_size != 1:
-            raise ValueError(
-                "strategy.sequence_parallel_size > 1 is not wired into training yet: "
-                "dit_video.distributed.ulysses_attention is the tested building block"
-            )
+        if self.sequence_parallel_size < 1:
+            raise ValueError(f"strategy.sequence_parallel_size={self.sequence_parallel_size} must be >= 1 (1 = off)")
+        if self.sequence_parallel_size > 1 and self.kind not in ("ddp", "fsdp"):
+            raise ValueError(f"strategy.sequence_parallel_size > 1 needs strategy=ddp or strategy=fsdp "
+                             f"(got kind={self.kind!r})")
+        if self.sp_attention not in SP_ATTENTIONS:
+            raise ValueError(f"strategy.sp_attention={self.sp_attention!r}: use one of {', '.join(SP_ATTENTIONS)}")
 
     def parallel_config(self) -> ParallelConfig:
         fields = dict(self.parallel or {})
@@ -127,6 +265,7 @@ class StrategyConfig:
         if unknown:
             raise ValueError(f"strategy.parallel: unknown field(s) {unknown}; known: {sorted(ParallelConfig.__dataclass_fields__)}")
         fields["fsdp"] = self.kind == "fsdp"
+        fields["sequence_parallel_size"], fields["sp_attention"] = self.sequence_parallel_size, self.sp_attention
         return ParallelConfig(**fields)
 
 
@@ -169,22 +308,41 @@ def lightning_strategy(cfg: StrategyConfig, micro_batch_size: int, gradient_clip
     data-parallel dimension the node count and leave the rest to tensor parallelism).
     """
     cfg.validate()
+    sp = cfg.sequence_parallel_size
+    if world_size % sp:
+        raise ValueError(f"strategy.sequence_parallel_size={sp} must divide the world size {world_size} "
+                         "(trainer.devices x trainer.num_nodes)")
     if cfg.kind == "single":
         return "auto"
     if cfg.kind == "ddp":
         from lightning.pytorch.strategies import DDPStrategy
 
-        return DDPStrategy(process_group_backend=cfg.process_group_backend,
-                           find_unused_parameters=cfg.find_unused_parameters)
+        kwargs = dict(process_group_backend=cfg.process_group_backend, find_unused_parameters=cfg.find_unused_parameters)
+        return DDPStrategy(**kwargs) if sp == 1 else _sequence_parallel(DDPStrategy, sp)(**kwargs)
     if cfg.kind == "fsdp":
         from lightning.pytorch.strategies import ModelParallelStrategy
 
-        # FSDP2 itself is applied by DiTModule.configure_model -> parallelize_dit_module.
-        return ModelParallelStrategy(data_parallel_size=world_size, tensor_parallel_size=1,
-                                     save_distributed_checkpoint=True,
-                                     process_group_backend=cfg.process_group_backend)
+        # FSDP2 itself is applied by DiTModule.configure_model -> parallelize_dit_module. It shards over
+        # all dp x sp ranks (the data_parallel mesh dimension is the whole world), as gradients need.
+        kwargs = dict(data_parallel_size=world_size, tensor_parallel_size=1, save_distributed_checkpoint=True,
+                      process_group_backend=cfg.process_group_backend)
+        return ModelParallelStrategy(**kwargs) if sp == 1 else _sequence_parallel(ModelParallelStrategy, sp)(**kwargs)
     from lightning.pytorch.strategies import DeepSpeedStrategy
 
     bf16 = precision is not None and str(precision).startswith("bf16")
     return DeepSpeedStrategy(config=deepspeed_config(cfg, micro_batch_size, 1, gradient_clipping or 0.0, bf16),
                              process_group_backend=cfg.process_group_backend)
+
+
+def _sequence_parallel(strategy_cls, sequence_parallel_size: int):
+    """`strategy_cls` whose DistributedSampler (map-style datasets) gives every rank of a
+    sequence-parallel group the same samples; our own loaders read the same numbers via
+    dit_video.data.loader's `_rank_world`."""
+
+    class SequenceParallel(strategy_cls):
+        @property
+        def distributed_sampler_kwargs(self) -> dict:
+            return data_parallel_sampler_kwargs(self.global_rank, self.world_size, sequence_parallel_size)
+
+    SequenceParallel.__name__ = SequenceParallel.__qualname__ = f"SequenceParallel{strategy_cls.__name__}"
+    return SequenceParallel
