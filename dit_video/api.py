@@ -38,11 +38,11 @@ __all__ = [
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint file, or a run directory -> its checkpoints/last.ckpt."""
+    """A checkpoint file or DCP folder (FSDP2), or a run directory -> its checkpoints/last.ckpt."""
     path = Path(path)
-    if path.is_dir():
+    if path.is_dir() and not (path / ".metadata").is_file():
         last = path / "checkpoints" / "last.ckpt"
-        if not last.is_file():
+        if not last.exists():  # a file, or a link to a DCP folder
             raise CheckpointError(f"run directory '{path}' has no checkpoints/last.ckpt (is it a DiT run?)")
         return last
     return path
@@ -60,13 +60,13 @@ def config_hash(config: dict) -> str:
 
 def sample_identity(ckpt: str | Path, meta: dict, weights: str) -> dict:
     """Who made a sample: model, checkpoint file + sha256, training-config hash, weights, commit."""
-    from dit_video.encoders.vae import sha256_file
+    from dit_video.checkpoint import checkpoint_sha256
 
     d = meta["dit_config"]
     return {
         "model": f"DiT depth={d['depth']} hidden={d['hidden_size']} patch={list(d['patch_size'])}",
         "checkpoint": str(ckpt),
-        "checkpoint_sha256": sha256_file(ckpt),
+        "checkpoint_sha256": checkpoint_sha256(ckpt),
         "config_sha256": config_hash(meta["config"]),
         "weights": weights,
         "git_commit": meta.get("git_commit"),

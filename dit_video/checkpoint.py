@@ -19,6 +19,7 @@ EMA weights are a safetensors file.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -404,11 +405,14 @@ def with_loader_state(datamodule: L.LightningDataModule) -> L.LightningDataModul
 # ----------------------------------------------------------------------------- loading and export
 
 
-def load_training_checkpoint(path: str | Path) -> dict:
+def load_training_checkpoint(path: str | Path, sections: list[str] | None = None) -> dict:
     """A step checkpoint as one dict {"state_dict", "dit_video", ...}, from a file or a DCP folder.
 
-    A sharded folder is read whole on this process (any world size wrote it); nothing is unpickled
-    beyond tensors and plain types.
+    A sharded folder (written by FSDP2 at any world size) is read on this process, without a
+    process group, into full CPU tensors; `sections` picks which of its top-level entries to
+    read ("state_dict", "optimizer_0", ...; None = all; sampling needs only "state_dict", which
+    skips the optimizer state, twice the weights' size under AdamW). Nothing is unpickled beyond
+    tensors and plain types: `.metadata` passes the allowlist first (verify_checkpoint).
     """
     path = Path(path)
     if path.is_dir():
@@ -419,11 +423,26 @@ def load_training_checkpoint(path: str | Path) -> dict:
         verify_checkpoint(path)
         state: dict = {}
         # No process group: DCP reads every shard on this process into plain tensors.
-        _load_state_dict(state, storage_reader=FileSystemReader(str(path)), planner=_EmptyStateDictLoadPlanner(),
-                         no_dist=True)
+        _load_state_dict(state, storage_reader=FileSystemReader(str(path)),
+                         planner=_EmptyStateDictLoadPlanner(keys=sections), no_dist=True)
         meta = load_checkpoint_file(path / "meta.pt")
-        return {**meta, "state_dict": state["state_dict"]}
+        if "state_dict" not in state:
+            raise CheckpointError(f"checkpoint '{path}' holds no 'state_dict' (not a Lightning DCP checkpoint)")
+        return {**meta, **state}
     return load_checkpoint_file(path)
+
+
+def checkpoint_sha256(path: str | Path) -> str:
+    """sha256 of a checkpoint file; of a DCP folder, over its files' relative names and contents."""
+    from dit_video.encoders.vae import sha256_file
+
+    path = Path(path)
+    if not path.is_dir():
+        return sha256_file(path)
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(f"{f.relative_to(path).as_posix()}\0{sha256_file(f)}\n".encode())
+    return h.hexdigest()
 
 
 def export_ema(ckpt_path: str | Path, out: str | Path) -> Path:
@@ -435,7 +454,7 @@ def export_ema(ckpt_path: str | Path, out: str | Path) -> Path:
     """
     from safetensors.torch import save_file
 
-    ckpt = load_training_checkpoint(ckpt_path)
+    ckpt = load_training_checkpoint(ckpt_path, sections=["state_dict"])
     if "dit_video" not in ckpt:
         raise CheckpointError(f"checkpoint '{ckpt_path}' was not written by dit-video's DiT training")
     ema = {k[len("ema."):]: v.detach().float().contiguous() for k, v in ckpt["state_dict"].items()
