@@ -14,8 +14,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from dit_video.api import config_hash, resolve_checkpoint, sample_identity
+from dit_video.encoders.vae import sha256_file
 from dit_video.media import write_samples
-from dit_video.pipeline import CheckpointError, Pipeline
+from dit_video.pipeline import CheckpointError, Pipeline, read_cond_frames
 from dit_video.provenance import PromptRefused, ProvenanceConfig, check_prompts
 
 
@@ -28,6 +29,28 @@ def read_prompts(cfg: DictConfig) -> list[str]:
     if not prompts:
         raise ValueError("no prompts: set prompts='[...]' or prompt_file=PATH")
     return [p for p in prompts for _ in range(int(cfg.num_per_prompt))]
+
+
+def read_cond(cfg: DictConfig, pipe: Pipeline) -> tuple[dict, dict]:
+    """(generate's cond_clip/cond_frames, what the sidecar records) from cond_image=PATH
+    (image-to-video) or cond_video=PATH cond_frames=K (video extension); ({}, {}) for neither."""
+    if cfg.cond_image is not None and cfg.cond_video is not None:
+        raise ValueError("cond_image and cond_video: give one (an image starts the samples, a video is extended)")
+    if cfg.cond_image is None and cfg.cond_video is None:
+        if cfg.cond_frames is not None:
+            raise ValueError("cond_frames: needs cond_video=PATH (the video whose first latent frames are kept)")
+        return {}, {}
+    field = "cond_image" if cfg.cond_image is not None else "cond_video"
+    k = 1 if cfg.cond_frames is None else int(cfg.cond_frames)
+    t_lat, h_lat, w_lat = pipe.latent_shape
+    if field == "cond_image" and k != 1:
+        raise ValueError(f"cond_frames={k}: an image is one latent frame; use cond_video=PATH for more")
+    if not 1 <= k < t_lat:
+        raise ValueError(f"cond_frames={k}: samples have {t_lat} latent frames; give 1 <= cond_frames < {t_lat}")
+    tf, sf = pipe.vae.temporal_factor, pipe.vae.spatial_factor
+    frames = read_cond_frames(cfg[field], 1 + (k - 1) * tf, pipe.fps, (h_lat * sf, w_lat * sf), field)  # [F, H, W, 3]
+    record = {field: str(cfg[field]), f"{field}_sha256": sha256_file(cfg[field]), "cond_frames": k}
+    return {"cond_clip": frames, "cond_frames": k}, record
 
 
 @hydra.main(config_path="conf", config_name="sample", version_base="1.3")
@@ -43,11 +66,13 @@ def main(cfg: DictConfig) -> None:
         if provenance.prompt_filter:  # before loading anything: a refused prompt costs nothing
             check_prompts(prompts + [str(cfg.negative_prompt)], provenance.blocklist)
         ckpt = resolve_checkpoint(cfg.ckpt)
-        pipe = Pipeline.from_checkpoint(ckpt, weights=cfg.weights)
+        pipe = Pipeline.from_checkpoint(ckpt, weights=cfg.weights, device=cfg.device)
         settings = {k: OmegaConf.to_container(cfg, resolve=True)[k]
                     for k in ("sampler", "steps", "cfg", "shift", "negative_prompt", "weights")}
+        cond, cond_settings = read_cond(cfg, pipe)
         clips = pipe.generate(prompts, seeds, **{k: v for k, v in settings.items() if k != "weights"},
-                              batch_size=int(cfg.batch_size))
+                              batch_size=int(cfg.batch_size), **cond)
+        settings |= cond_settings  # recorded (and hashed) only when given: text-to-video sidecars are unchanged
     except (CheckpointError, PromptRefused, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

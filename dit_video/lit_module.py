@@ -8,6 +8,7 @@ wiring: frozen encoders in, loss out, EMA, optimiser and what goes into a checkp
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass
 
 import lightning as L
@@ -16,6 +17,7 @@ from torch import nn
 
 from dit_video.diffusion import loss_by_t_bucket, t_bucket_names
 from dit_video.encoders.base import clip_to_video
+from dit_video.encoders.text_cache import TextEmbeddingCache
 
 T_BUCKETS = 10  # the loss-vs-t curve is logged in this many equal buckets of t
 
@@ -82,10 +84,13 @@ class DiTModule(FrozenEncodersMixin, L.LightningModule):
     """Text-to-video DiT training: clip -> latents -> noised -> DiT -> velocity loss."""
 
     def __init__(self, dit, objective, vae, text_encoder, optim: OptimConfig, ema_decay: float, meta: dict,
-                 parallel=None):
+                 parallel=None, text_encoder_cache: int = 0):
         super().__init__()
         self.dit = dit
         self.parallel = parallel  # dit_video.parallel.ParallelConfig applied in configure_model (None = as built)
+        self.sequence_group = None  # this rank's sequence-parallel process group, set in configure_model
+        # LRU of caption embeddings (0 = off): valid because the text encoder is frozen and in eval.
+        self.text_cache = TextEmbeddingCache(text_encoder_cache) if text_encoder_cache > 0 else None
         self.ema = copy.deepcopy(dit).requires_grad_(False).eval()
         self.vae = vae.requires_grad_(False).eval()
         self.text_encoder = text_encoder.requires_grad_(False).eval()
@@ -109,8 +114,20 @@ class DiTModule(FrozenEncodersMixin, L.LightningModule):
 
     @torch.no_grad()
     def encode_text(self, captions: list[str]):
-        text_emb, text_mask = self.text_encoder.encode(captions)
+        if self.text_cache is not None:
+            text_emb, text_mask = self.text_cache.encode(self.text_encoder, captions)  # [B, L, D], [B, L]
+        else:
+            text_emb, text_mask = self.text_encoder.encode(captions)
         return text_emb.to(self.device), text_mask.to(self.device)
+
+    @torch.no_grad()
+    def encode_text_pooled(self, captions: list[str]):
+        """(text_emb [B, L, D], text_mask [B, L], pooled [B, P] or None): the text encoder's pooled
+        vector only when the DiT takes one (model.pooled_text_dim > 0; not through the text cache)."""
+        if not self.dit.cfg.pooled_text_dim:
+            return (*self.encode_text(captions), None)
+        text_emb, text_mask, pooled = self.text_encoder.encode_pooled(captions)
+        return text_emb.to(self.device), text_mask.to(self.device), pooled.to(self.device)
 
     def drop_captions(self, captions: list[str]) -> list[str]:
         """Replace each caption by "" with probability objective.caption_dropout (CFG training)."""
@@ -138,18 +155,29 @@ class DiTModule(FrozenEncodersMixin, L.LightningModule):
         return text_emb[:, :used], text_mask[:, :used]
 
     def model_inputs(self, batch):
-        """(latents [B, C, T', H', W'], text_emb [B, L, D], text_mask [B, L]) of a clip batch, or
-        of a latent-cache batch (`data=latents`: the encoders ran in data_prep.encode_latents)."""
+        """(latents [B, C, T', H', W'], text_emb [B, L, D], text_mask [B, L], pooled [B, P] or None) of a
+        clip batch, or of a latent-cache batch (`data=latents`: the encoders ran in data_prep.encode_latents)."""
         if "latents" in batch:
-            return (batch["latents"].float(), *self.drop_cached_text(batch))  # 1-3. precomputed
-        latents = self.encode_clips(batch["clip"])  # 1. pixels -> latents   [B, C, T', H', W']
+            if self.dit.cfg.pooled_text_dim:
+                raise ValueError(
+                    "data=latents does not store pooled text vectors yet; train a model.pooled_text_dim > 0 "
+                    "DiT from clips (data=demo/webvid_*) or set model.pooled_text_dim=0"
+                )
+            return (batch["latents"].float(), *self.drop_cached_text(batch), None)  # 1-3. precomputed
+        if isinstance(batch["clip"], list):  # data.packing: clips of different shapes -> B x [C, T', H', W']
+            latents = [self.encode_clips(clip[None])[0] for clip in batch["clip"]]
+        else:
+            latents = self.encode_clips(batch["clip"])  # 1. pixels -> latents   [B, C, T', H', W']
         captions = self.drop_captions(batch["caption"])  # 2. caption dropout for CFG
-        text_emb, text_mask = self.encode_text(captions)  # 3. text -> tokens      [B, L, D]
-        return latents, text_emb, text_mask
+        text_emb, text_mask, pooled = self.encode_text_pooled(captions)  # 3. text -> tokens [B, L, D] (+ [B, P])
+        return latents, text_emb, text_mask, pooled
 
     def training_step(self, batch, batch_idx):
-        latents, text_emb, text_mask = self.model_inputs(batch)  # 1-3. latents, dropout, text tokens
-        loss, aux = self.objective.loss(self.dit, latents, text_emb, text_mask)  # 4. noise, predict, MSE
+        latents, text_emb, text_mask, pooled = self.model_inputs(batch)  # 1-3. latents, dropout, text tokens
+        if isinstance(latents, list):  # a packed batch (data.packing): one DiT.forward_packed call
+            loss, aux = self.objective.loss_packed(self.dit, latents, text_emb, text_mask, pooled=pooled)
+        else:
+            loss, aux = self.objective.loss(self.dit, latents, text_emb, text_mask, pooled=pooled)  # 4. noise, predict, MSE
         self.log_step(loss, aux, batch)
         return loss
 
@@ -157,6 +185,8 @@ class DiTModule(FrozenEncodersMixin, L.LightningModule):
         bs = len(batch["caption"])
         self.skipped_total += int(batch.get("skipped", 0))
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        if aux.get("cond_mask") is not None:  # objective.cond_*: share of latent frames given (no loss on them)
+            self.log("train/cond_frames", aux["cond_mask"].float().mean(), batch_size=bs)
         self.log("data/skipped", float(self.skipped_total), batch_size=bs)
         for reason, n in batch.get("skipped_by_reason", {}).items():  # decode_error, too_short, ... (data/loader.py)
             self.skipped_by_reason[reason] = self.skipped_by_reason.get(reason, 0) + int(n)
@@ -188,7 +218,15 @@ class DiTModule(FrozenEncodersMixin, L.LightningModule):
             from dit_video.parallel import parallelize_dit_module
 
             mesh = self.device_mesh if self.parallel.fsdp else None
-            parallelize_dit_module(self, self.parallel, mesh)
+            self.sequence_group = parallelize_dit_module(self, self.parallel, mesh)
+
+    def on_train_batch_start(self, batch, batch_idx) -> None:
+        # Sequence parallelism: the ranks sharing one sequence must draw the same noise, t and
+        # caption dropout (runs after RNGState, which gives every rank its own stream).
+        if self.sequence_group is not None:
+            from dit_video.distributed import share_rng
+
+            share_rng(self.sequence_group)
 
     def configure_optimizers(self):
         return build_optimizer(self.dit, self.optim_cfg)
@@ -199,16 +237,32 @@ class DiTModule(FrozenEncodersMixin, L.LightningModule):
 
 
 class VAEModule(L.LightningModule):
-    """Stage 1: train our causal video VAE on clips (reconstruction + KL)."""
+    """Stage 1: train our causal video VAE on clips (reconstruction + KL, optionally LPIPS and a
+    3D patch discriminator; `objective` is a dit_video.encoders.vae_losses.VAELoss).
 
-    def __init__(self, vae, loss_fn, optim: OptimConfig, meta: dict):
+    Without a discriminator: Lightning's automatic optimisation, one AdamW. With one: two AdamWs
+    (VAE, discriminator) stepped in `training_step` (manual optimisation), so gradient clipping
+    (`gradient_clip_val`) and the warmup schedulers are applied here. Validation reports
+    val/rec_loss, val/psnr and val/ssim of the posterior-mean reconstruction.
+    """
+
+    FROZEN = ("objective.lpips.",)  # loaded from its own file: not training state, not in checkpoints
+
+    def __init__(self, vae, objective, optim: OptimConfig, meta: dict, gradient_clip_val: float | None = None):
         super().__init__()
-        self.vae, self.loss_fn, self.optim_cfg, self.meta = vae, loss_fn, optim, meta
+        self.vae, self.objective, self.optim_cfg, self.meta = vae, objective, optim, meta
         self.skipped_total = 0
+        self.adversarial = objective.discriminator is not None
+        self.automatic_optimization = not self.adversarial
+        self.gradient_clip_val = gradient_clip_val  # manual path only (Lightning clips in the automatic one)
+        self._rng_before_val: torch.Tensor | None = None  # CPU RNG state, restored after validation
 
     def training_step(self, batch, batch_idx):
         video = clip_to_video(batch["clip"])  # [B, 3, T, H, W] in [-1, 1]
-        loss, logs = self.loss_fn(self.vae, video)
+        if self.adversarial:
+            loss, logs = self.adversarial_step(video)
+        else:
+            loss, logs, _ = self.objective(self.vae, video, self.global_step)
         self.skipped_total += int(batch.get("skipped", 0))
         bs = video.shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
@@ -217,8 +271,79 @@ class VAEModule(L.LightningModule):
         self.log("data/skipped", float(self.skipped_total), batch_size=bs)
         return loss
 
+    def adversarial_step(self, video: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """One VAE step and (from disc_start on) one discriminator step on the same reconstruction."""
+        opt_vae, opt_disc = self.optimizers()
+        sched_vae, sched_disc = self.lr_schedulers()
+        step = self.global_step  # VAE steps only: the discriminator's are not counted (below)
+        # 1. VAE loss and gradients; toggling freezes the discriminator so none reach it
+        self.toggle_optimizer(opt_vae)
+        loss, logs, video_hat = self.objective(self.vae, video, step)
+        opt_vae.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        self.untoggle_optimizer(opt_vae)
+        # 2. discriminator on real clips vs the detached reconstruction
+        if step >= self.objective.cfg.disc_start:
+            self.toggle_optimizer(opt_disc)
+            d_loss, d_logs = self.objective.discriminator_loss(video, video_hat.detach())
+            opt_disc.zero_grad(set_to_none=True)
+            self.manual_backward(d_loss)
+            self._clip(opt_disc)
+            # Through the strategy, not opt_disc.step(): Lightning counts every LightningOptimizer
+            # step as a global step, which would double max_steps, checkpoint_every and warmup.
+            self.trainer.strategy.optimizer_step(opt_disc.optimizer, lambda: None, self)
+            sched_disc.step()  # the discriminator's warmup starts at disc_start
+            self.untoggle_optimizer(opt_disc)
+            logs |= d_logs
+        # 3. the VAE step last, so the NonFiniteGuard verdict for this step is the VAE's
+        self._clip(opt_vae)
+        opt_vae.step()
+        sched_vae.step()
+        return loss, logs
+
+    def _clip(self, optimizer) -> None:
+        if self.gradient_clip_val:
+            self.clip_gradients(optimizer, gradient_clip_val=self.gradient_clip_val, gradient_clip_algorithm="norm")
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        # Validation must not move the training RNG, or a run resumed from a checkpoint (which
+        # skips the validation that followed it) draws other posterior noise. Lightning builds the
+        # validation iterator (one draw from the CPU RNG) before any validation hook: save it here.
+        self._rng_before_val = torch.get_rng_state()
+
+    def on_validation_end(self) -> None:
+        if self._rng_before_val is not None:
+            torch.set_rng_state(self._rng_before_val)  # validation itself draws nothing (posterior mean)
+
+    @torch.no_grad()
+    def validation_step(self, batch, batch_idx):
+        from dit_video.eval.image_metrics import psnr, ssim
+
+        video = clip_to_video(batch["clip"]).float()  # [B, 3, T, H, W] in [-1, 1]
+        video_hat = self.vae.decode(self.vae.encode(video).mean).float()  # posterior mean: deterministic
+        diff = video_hat - video
+        rec_loss = diff.abs().mean() if self.objective.cfg.recon == "l1" else diff.pow(2).mean()
+        recon = video_hat.clamp(-1, 1)
+        bs = video.shape[0]
+        self.log("val/rec_loss", rec_loss, batch_size=bs)
+        self.log("val/psnr", psnr(recon, video).mean(), prog_bar=True, batch_size=bs)
+        self.log("val/ssim", ssim((recon + 1) / 2, (video + 1) / 2).mean(), batch_size=bs)  # on [0, 1] images
+
     def configure_optimizers(self):
-        return build_optimizer(self.vae, self.optim_cfg)
+        vae_opt = build_optimizer(self.vae, self.optim_cfg)
+        if not self.adversarial:
+            return vae_opt
+        lr = self.objective.cfg.disc_lr or self.optim_cfg.lr
+        disc_opt = build_optimizer(self.objective.discriminator, dataclasses.replace(self.optim_cfg, lr=lr))
+        return [vae_opt, disc_opt]
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith(self.FROZEN)]:
+            del state[key]
         checkpoint["dit_video"] = self.meta
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        for key, value in self.state_dict().items():
+            if key.startswith(self.FROZEN):
+                checkpoint["state_dict"][key] = value

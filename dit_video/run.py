@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -79,21 +80,33 @@ def preflight(cfg: DictConfig) -> None:
         problems.append(str(err))
     if cfg.task == "dit":
         vae_path = Path(str(cfg.vae.path))
-        if not (vae_path / "vae.safetensors").is_file():
+        if cfg.vae.get("kind", "causal") != "causal":  # a pretrained diffusers VAE (causal configs predate kind)
+            from dit_video.encoders.pretrained_vae import vae_problem
+
+            vae_issue = vae_problem(OmegaConf.to_container(cfg.vae, resolve=True))
+            if vae_issue:
+                problems.append(vae_issue)
+        elif not (vae_path / "vae.safetensors").is_file():
             problems.append(
                 f"vae.path: no trained VAE at '{vae_path}' (expected vae.safetensors + vae.json; "
                 f"train one with `python train.py +experiment=vae_demo` or point vae.path at one)"
             )
         try:
-            text_path = Path(str(cfg.text_encoder.path))
+            from dit_video.encoders.text_concat import text_encoder_paths
+
+            text_paths = text_encoder_paths(cfg.text_encoder)  # one per encoder (several when concatenated)
         except Exception as err:  # the resolver raises with install advice if the package is missing
             problems.append(f"text_encoder.path: {err}")
         else:
-            if not (text_path / "config.json").is_file():
-                problems.append(
-                    f"text_encoder.path: no Hugging Face model at '{text_path}' (needs config.json and "
-                    f"weights; see conf/text_encoder/{cfg.text_encoder.name}.yaml for how to get it)"
-                )
+            for field, text_path in text_paths:
+                if not (text_path / "config.json").is_file():
+                    problems.append(
+                        f"{field}: no Hugging Face model at '{text_path}' (needs config.json and "
+                        f"weights; see conf/text_encoder/ for how to get it)"
+                    )
+    elif cfg.task == "vae" and cfg.vae.get("kind", "causal") != "causal":
+        problems.append(f"task=vae trains our causal VAE; vae.kind={cfg.vae.kind} is pretrained and frozen "
+                        "(use vae=causal_demo)")
     elif cfg.task != "vae":
         problems.append(f"task={cfg.task!r}: use 'dit' or 'vae'")
     cuda = _cuda_problem(cfg.trainer)
@@ -132,14 +145,23 @@ def build_data(cfg: DictConfig):
     return data_cfg, module(data_cfg)
 
 
-def build_dit_config(model_node, in_channels: int, text_dim: int):
-    """DiTConfig from conf/model/*.yaml: the named preset, then every field the YAML sets."""
+def build_dit_config(model_node, in_channels: int, text_dim: int, pooled_dim: int | None = None):
+    """DiTConfig from conf/model/*.yaml: the named preset, then every field the YAML sets.
+
+    `pooled_text_dim: auto` takes the text encoder's pooled_dim (given here as pooled_dim)."""
     from dit_video.model import DIT_PRESETS, DiTConfig
 
     values = OmegaConf.to_container(model_node, resolve=True)
     preset = values.pop("preset", None)
     if preset is not None and preset not in DIT_PRESETS:
         raise ConfigError(f"model.preset={preset!r} is unknown; known presets: {', '.join(DIT_PRESETS)}")
+    if values.get("pooled_text_dim") == "auto":
+        if not pooled_dim:
+            raise ConfigError(
+                "model.pooled_text_dim=auto but the text encoder gives no pooled vector (pooled_dim 0); "
+                "use a CLIP text encoder or set model.pooled_text_dim=0"
+            )
+        values["pooled_text_dim"] = int(pooled_dim)
     values = {**DIT_PRESETS.get(preset, {}), **values, "in_channels": in_channels, "text_dim": text_dim}
     return _dataclass_from(DiTConfig, values, "model")
 
@@ -155,12 +177,50 @@ def build_objective_from(cfg: DictConfig):
 
 
 def build_text_encoder(cfg: DictConfig):
-    from dit_video.encoders.text import HFTextEncoder
+    """One Hugging Face encoder, or several concatenated (`text_encoder.encoders`), frozen."""
+    from dit_video.encoders.text_concat import build_text_encoder as build
 
-    node = cfg.text_encoder
-    return HFTextEncoder(
-        path=str(node.path), max_length=int(node.max_length), dtype=str(node.dtype), name=str(node.name)
-    )
+    try:
+        return build(OmegaConf.to_container(cfg.text_encoder, resolve=True))
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def build_vae(cfg: DictConfig):
+    """The frozen VAE cfg.vae names: our CausalVAE from vae.path (vae.kind absent or 'causal') or a
+    pretrained diffusers autoencoder (vae.kind: diffusers_image | cogvideox | wan | hunyuan_video | ltx_video)."""
+    from dit_video.encoders.vae import TilingConfig, load_vae
+
+    if cfg.vae.get("kind", "causal") == "causal":  # causal VAE configs predate vae.kind
+        tiling = cfg.vae.get("tiling")  # tiled/chunked encode and decode (configs before it have none)
+        tiling = _dataclass_from(TilingConfig, tiling, "vae.tiling") if tiling is not None else None
+        try:
+            return load_vae(str(cfg.vae.path), tiling=tiling)
+        except ValueError as err:  # a bad vae.tiling field for this VAE
+            raise ConfigError(str(err)) from None
+    from dit_video.encoders.pretrained_vae import PretrainedVAEConfig, load_pretrained_vae
+
+    try:
+        return load_pretrained_vae(PretrainedVAEConfig.from_node(OmegaConf.to_container(cfg.vae, resolve=True)))
+    except (ValueError, ImportError) as err:  # a bad vae.path/field, or diffusers not installed
+        raise ConfigError(str(err)) from None
+
+
+def encoder_identities(cfg: DictConfig, vae, text_encoder) -> dict:
+    """{"vae": ..., "text_encoder": ...}: the frozen encoders' identities (with the sha256 of their
+    weights), computed by the first process on each node; the node's other ranks read that result
+    (dit_video.distributed.once_per_node) instead of hashing the same files again."""
+    from dit_video.distributed import files_key, once_per_node
+
+    nodes = {name: OmegaConf.to_container(cfg[name], resolve=True) for name in ("vae", "text_encoder")}
+    paths, stack = [], [nodes]
+    while stack:  # every `path:` in the two nodes (a concatenated text encoder has one per part)
+        node = stack.pop()
+        if isinstance(node, dict) and isinstance(node.get("path"), str) and Path(node["path"]).exists():
+            paths.append(node["path"])
+        stack.extend(node.values() if isinstance(node, dict) else node if isinstance(node, list) else ())
+    key = json.dumps({"encoders": nodes, "files": files_key(sorted(paths))}, sort_keys=True)
+    return once_per_node(key, lambda: {"vae": vae.identity(), "text_encoder": text_encoder.identity()})
 
 
 def build_logger(cfg: DictConfig, run_dir: Path):
@@ -178,7 +238,17 @@ def build_logger(cfg: DictConfig, run_dir: Path):
             offline=bool(cfg.logger.offline),
             config=OmegaConf.to_container(cfg, resolve=True),
         )
-    raise ConfigError(f"logger.kind={kind!r}: use 'csv' or 'wandb'")
+    if kind == "tensorboard":
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        try:
+            import tensorboard  # noqa: F401  (the event-file writer and the video summary proto)
+        except ImportError:
+            raise ConfigError("logger=tensorboard needs the tensorboard package: "
+                              "`pip install tensorboard` (or `pip install -e .[logging]`)") from None
+        return TensorBoardLogger(save_dir=str(run_dir), name=str(cfg.logger.subdir), version="",
+                                 default_hp_metric=False)
+    raise ConfigError(f"logger.kind={kind!r}: use 'csv', 'wandb' or 'tensorboard'")
 
 
 def build_parallel(cfg: DictConfig):
@@ -334,70 +404,84 @@ def _hydra_run_dir() -> str:
 
 
 def train_dit(cfg: DictConfig, run_dir: Path) -> None:
-    from dit_video.encoders.vae import load_vae
     from dit_video.lit_module import DiTModule, OptimConfig
     from dit_video.model import DiT
 
     data_cfg, datamodule = build_data(cfg)
-    vae = load_vae(str(cfg.vae.path))
+    vae = build_vae(cfg)
     text_encoder = build_text_encoder(cfg)
+    identities = encoder_identities(cfg, vae, text_encoder)  # {"vae": ..., "text_encoder": ...}, hashed once per node
     if data_cfg.kind == "latents":  # a cache made by other encoders would train on the wrong latents
         try:
-            datamodule.check_encoders(vae.identity(), text_encoder.identity())
+            datamodule.check_encoders(identities["vae"], identities["text_encoder"])
         except ValueError as err:
             raise ConfigError(str(err)) from None
     try:
         latent_shape = vae.latent_shape(data_cfg.num_frames, *data_cfg.size)
     except ValueError as err:
         raise ConfigError(f"data.num_frames/data.size do not fit the VAE: {err}") from None
-    dit_cfg = build_dit_config(cfg.model, vae.latent_channels, text_encoder.dim)
+    dit_cfg = build_dit_config(cfg.model, vae.latent_channels, text_encoder.dim, text_encoder.pooled_dim)
     try:
         dit_cfg.validate(latent_shape)
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    if data_cfg.kind == "clips" and data_cfg.image_ratio > 0:  # image batches are one latent frame
+        try:
+            dit_cfg.validate((1, *latent_shape[1:]))
+        except ValueError as err:
+            raise ConfigError(f"data.image_ratio={data_cfg.image_ratio} trains on 1-frame latents: {err}") from None
+    if data_cfg.kind == "clips" and data_cfg.packing.enabled:  # token-budget packs count each bucket's DiT tokens
+        datamodule.tokens_per_clip = lambda t, h, w: math.prod(dit_cfg.grid(vae.latent_shape(t, h, w)))
     objective = build_objective_from(cfg)
     optim = _dataclass_from(OptimConfig, cfg.optim, "optim")
     optim.validate()
     meta = run_metadata(cfg) | {
         "dit_config": dataclasses.asdict(dit_cfg),
         "latent_shape": list(latent_shape),
-        "vae": vae.identity(),
-        "text_encoder": text_encoder.identity(),
+        **identities,
     }
     trainer = build_trainer(cfg, run_dir)
     module = DiTModule(DiT(dit_cfg), objective, vae, text_encoder, optim, float(cfg.ema_decay), meta,
-                       build_parallel(cfg))
+                       build_parallel(cfg), text_encoder_cache=int(cfg.text_encoder_cache))
     fit(trainer, module, datamodule, cfg, run_dir)
     _finish(trainer, run_dir)
 
 
 def train_vae(cfg: DictConfig, run_dir: Path) -> None:
-    from functools import partial
-
     from dit_video.encoders.vae import (
         CausalVAE,
         CausalVAEConfig,
+        TilingConfig,
         check_video_size,
         compute_latent_stats,
         save_vae,
-        vae_loss,
     )
+    from dit_video.encoders.vae_losses import VAELoss, VAELossConfig
     from dit_video.lit_module import OptimConfig, VAEModule
 
     data_cfg, datamodule = build_data(cfg)
     vae_node = OmegaConf.to_container(cfg.vae, resolve=True)
-    loss_cfg = vae_node.pop("loss")
+    loss_cfg = _dataclass_from(VAELossConfig, vae_node.pop("loss"), "vae.loss")
+    tiling = vae_node.pop("tiling", None)  # how the trained VAE encodes/decodes, not its architecture
     vae_node.pop("path", None)
     try:
         vae_cfg = _dataclass_from(CausalVAEConfig, vae_node, "vae").validate()
         check_video_size(data_cfg.num_frames, *data_cfg.size, vae_cfg.temporal_factor, vae_cfg.spatial_factor)
     except ValueError as err:
         raise ConfigError(f"data.num_frames/data.size do not fit vae: {err}") from None
+    try:
+        _dataclass_from(TilingConfig, tiling or {}, "vae.tiling").validate(vae_cfg)
+        objective = VAELoss(loss_cfg)  # validates vae.loss; loads LPIPS from vae.loss.lpips_path if asked
+    except (ValueError, FileNotFoundError) as err:
+        raise ConfigError(str(err)) from None
     vae = CausalVAE(vae_cfg)
     optim = _dataclass_from(OptimConfig, cfg.optim, "optim")
     optim.validate()
-    loss_fn = partial(vae_loss, kl_weight=float(loss_cfg["kl_weight"]), recon=str(loss_cfg["recon"]))
-    module = VAEModule(vae, loss_fn, optim, run_metadata(cfg) | {"vae_config": dataclasses.asdict(vae_cfg)})
+    meta = run_metadata(cfg) | {"vae_config": dataclasses.asdict(vae_cfg)}
+    clip = cfg.trainer.get("gradient_clip_val")
+    if loss_cfg.adversarial:  # two optimizers, manual optimisation: VAEModule clips, Lightning must not
+        cfg = OmegaConf.merge(cfg, {"trainer": {"gradient_clip_val": None}})
+    module = VAEModule(vae, objective, optim, meta, gradient_clip_val=clip if loss_cfg.adversarial else None)
     trainer = build_trainer(cfg, run_dir)
     fit(trainer, module, datamodule, cfg, run_dir)
     if trainer.global_rank == 0:
@@ -419,6 +503,13 @@ def _take(loader, n: int) -> list:
 
 
 def _finish(trainer, run_dir: Path) -> None:
+    from lightning.pytorch.loggers import WandbLogger
+
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger) and logger._experiment is not None:
+            # Lightning leaves the wandb run open; a second train() in the same process (a
+            # notebook, a sweep) would otherwise log into this run.
+            logger.experiment.finish()
     if trainer.global_rank != 0:
         return
     metrics = run_dir / "metrics.csv"

@@ -98,7 +98,7 @@ def test_cached_latents_give_the_same_loss_as_on_the_fly_encoding(world, caption
         losses = []
         for batch in (clip_batch, lat_batch):
             torch.manual_seed(1234)  # same dropout draw, same noise and t
-            latents, text_emb, text_mask = module.model_inputs(batch)
+            latents, text_emb, text_mask, _ = module.model_inputs(batch)  # no pooled vector (pooled_text_dim 0)
             loss, _ = module.objective.loss(module.dit, latents, text_emb, text_mask)
             losses.append(loss.item())
         assert losses[0] == pytest.approx(losses[1], rel=1e-4, abs=1e-6)

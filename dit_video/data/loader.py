@@ -5,6 +5,14 @@
     worker w takes steps s = w mod num_workers)--> read members by offset --> decode + crop
     --> collate --> {"clip", "caption", "key", "skipped", "skipped_by_reason", "position"}
 
+Joint image+video training (data.image_ratio > 0): the epoch's global batches also hold image
+batches, one frame of each of their clips (order.mix_image_batches), so which batches are images
+is part of the same pure plan and resumes exactly.
+
+Packed batches (data.packing.enabled, for DiT.forward_packed): the global batches are token-budget
+packs of clips of any bucket instead (data/packing.py: pack_epoch, also a pure f(seed, epoch));
+PackedVideoShardDataset reads each clip at its own bucket's shape and `clip` is a list.
+
 Exact resume (the loader state, for checkpoints; see order.py for the derivation):
     VideoDataModule.state_dict() -> {"epoch": int, "batches_into_epoch": int, "seed": int,
                                      "world_size": int, "fingerprint": str}
@@ -52,10 +60,19 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from dit_video.data.buckets import Bucket, assign_bucket, make_buckets
-from dit_video.data.decode import BACKENDS, SampleError, TimedCall, decode_clip, decode_image, resize_crop
+from dit_video.data.buckets import Bucket, assign_bucket, image_buckets, make_buckets
+from dit_video.data.decode import (
+    BACKENDS,
+    SampleError,
+    TimedCall,
+    decode_clip,
+    decode_image,
+    resize_crop,
+    torchcodec_problem,
+)
 from dit_video.data.index import IMAGE_EXTS, VIDEO_EXTS, MemberReader, ShardIndex, build_index
-from dit_video.data.order import epoch_batches, eval_steps, steps_per_rank, train_steps
+from dit_video.data.order import epoch_batches, eval_steps, mix_image_batches, steps_per_rank, train_steps
+from dit_video.data.packing import PackingConfig, TokensPerClip, bucket_tokens, collate_packed, pack_epoch
 
 logger = logging.getLogger(__name__)
 
@@ -88,12 +105,19 @@ def resolve_shards(spec: str | Sequence[str], field: str = "shards") -> list[str
     return sorted(paths)
 
 
-def dist_info() -> tuple[int, int]:
-    """(rank, world size) of this process: torch.distributed if initialised, else RANK /
-    WORLD_SIZE from the launcher's environment, else (0, 1)."""
+def dist_info(sequence_parallel_size: int = 1) -> tuple[int, int]:
+    """(rank, world size) for reading data: torch.distributed if initialised, else RANK /
+    WORLD_SIZE from the launcher's environment, else (0, 1).
+
+    sequence_parallel_size > 1 (strategy.sequence_parallel_size): the data-parallel (rank, size)
+    instead. The world is a (data-parallel, sequence-parallel) grid in row-major order (as
+    dit_video/parallel.py builds its groups), and the sp ranks of one group read the same batches.
+    """
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    else:
+        rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    return rank // sequence_parallel_size, world // sequence_parallel_size
 
 
 @dataclass
@@ -109,12 +133,15 @@ class VideoDataConfig:
     num_workers: int = 2  # DataLoader worker processes per training process; 0 = decode in the main process
     shuffle_buffer: int = 256  # 0 = index order; > 0 = a full permutation per epoch (kept for old configs)
     seed: int = 0  # seeds the epoch order, frame starts and crops (with epoch and sample index)
-    decoder: str = "auto"  # "auto" (decord, PyAV fallback), "decord" or "pyav"
+    decoder: str = "auto"  # "auto" (decord, PyAV fallback), "decord", "pyav" or "torchcodec" (see data/decode.py)
     crop: str = "random"  # training crop: "random" or "center" (validation always uses "center")
     kind: str = "clips"  # "clips" (this config) or "latents" (dit_video.data.latents.LatentDataConfig)
     buckets: list | None = None  # [{num_frames, size: [H, W], batch_size?}, ...]; None = one bucket (num_frames, size, batch_size)
     bucket_budget: int | None = None  # frames*H*W per batch for buckets without batch_size (tokens per batch ~ constant)
     decode_timeout: float | None = 30.0  # seconds; a sample whose decode takes longer is skipped (decode_timeout)
+    image_ratio: float = 0.0  # joint image+video training: fraction of training batches that are images (one frame per clip)
+    image_batch_size: int | None = None  # images per image batch (more than batch_size keeps tokens per batch ~ constant); None = batch_size
+    packing: PackingConfig | dict | None = None  # token-budget packed training batches {enabled, max_tokens, open_packs} (data/packing.py); None = off
 
     def __post_init__(self):
         # Hydra hands over ListConfig / lists from YAML: normalise them to plain Python types.
@@ -128,6 +155,12 @@ class VideoDataConfig:
             self.fps = float(self.fps)
         if self.buckets is not None:
             self.buckets = [dict(b) for b in self.buckets]
+        if not isinstance(self.packing, PackingConfig):
+            packing = dict(self.packing or {})
+            unknown = set(packing) - {"enabled", "max_tokens", "open_packs"}
+            if unknown:
+                raise ValueError(f"data.packing: unknown field(s) {sorted(unknown)}; use enabled, max_tokens, open_packs")
+            self.packing = PackingConfig(**packing)
 
     def bucket_table(self) -> list[Bucket]:
         """The buckets batches are drawn from (one, (num_frames, size, batch_size), by default)."""
@@ -166,10 +199,19 @@ class VideoDataConfig:
             raise ValueError(f"data.shuffle_buffer: must be an integer >= 0, got {self.shuffle_buffer!r}")
         if self.decoder not in BACKENDS:
             raise ValueError(f"data.decoder: must be one of {BACKENDS}, got {self.decoder!r}")
+        if self.decoder == "torchcodec" and torchcodec_problem():
+            raise ValueError(f"data.decoder=torchcodec: {torchcodec_problem()}")
         if self.crop not in CROP_MODES:
             raise ValueError(f"data.crop: must be one of {CROP_MODES}, got {self.crop!r}")
         if self.decode_timeout is not None and not self.decode_timeout > 0:
             raise ValueError(f"data.decode_timeout: must be > 0 seconds or null, got {self.decode_timeout!r}")
+        if not (isinstance(self.image_ratio, int | float) and 0.0 <= self.image_ratio < 1.0):
+            raise ValueError(f"data.image_ratio: must be in [0, 1) (0 = videos only), got {self.image_ratio!r}")
+        if self.image_batch_size is not None and not (isinstance(self.image_batch_size, int) and self.image_batch_size >= 1):
+            raise ValueError(f"data.image_batch_size: must be an integer >= 1 or null (= batch_size), got {self.image_batch_size!r}")
+        self.packing.validate()
+        if self.packing.enabled and self.image_ratio > 0:
+            raise ValueError("data.packing.enabled packs 1-frame buckets with clips already; set data.image_ratio=0")
         self.bucket_table()  # raises naming the bad bucket
 
 
@@ -212,9 +254,13 @@ class PlannedShardDataset(IterableDataset):
 
     def __init__(self, index: ShardIndex, bucket_of: np.ndarray, buckets: Sequence[Bucket], *, seed: int,
                  infinite: bool, shuffle: bool, batched: bool, rank: int | None = None,
-                 world_size: int | None = None, start: tuple[int, int] = (0, 0)):
+                 world_size: int | None = None, start: tuple[int, int] = (0, 0), image_ratio: float = 0.0,
+                 image_batch_size: int | None = None):
         super().__init__()
         self.index, self.buckets = index, list(buckets)
+        # Joint image+video training (infinite only): image batches read one frame of each clip.
+        self.image_ratio = float(image_ratio) if infinite else 0.0
+        self.image_buckets = image_buckets(self.buckets, image_batch_size)
         self.bucket_of = np.asarray(bucket_of, dtype=np.int64)  # [N], -1 = fits no bucket
         self.seed, self.infinite, self.shuffle, self.batched = seed, infinite, shuffle, batched
         if rank is None or world_size is None:
@@ -240,8 +286,17 @@ class PlannedShardDataset(IterableDataset):
         self.start = (int(epoch), 0)
 
     def epoch_plan(self, epoch: int) -> list[np.ndarray]:
+        return self.epoch_plan_shapes(epoch)[0]
+
+    def epoch_plan_shapes(self, epoch: int) -> tuple[list[np.ndarray], list[Bucket]]:
+        """(global batches of `epoch`, the bucket each batch is read at): with image_ratio > 0 some
+        batches are image batches of a clip bucket (order.mix_image_batches), read at 1 frame."""
         sizes = [b.batch_size for b in self.buckets]
-        return epoch_batches(self.bucket_of, sizes, self.seed, epoch, shuffle=self.shuffle, drop_last=self.infinite)
+        batches = epoch_batches(self.bucket_of, sizes, self.seed, epoch, shuffle=self.shuffle, drop_last=self.infinite)
+        image_sizes = [0 if b is None else b.batch_size for b in self.image_buckets]
+        batches, ids = mix_image_batches(batches, self.bucket_of, image_sizes, self.image_ratio, self.seed, epoch)
+        shapes = self.buckets + self.image_buckets  # ids >= len(self.buckets) name image buckets
+        return batches, [shapes[i] for i in ids]
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -267,7 +322,7 @@ class PlannedShardDataset(IterableDataset):
         bad: set[int] = set()  # samples this reader found unusable (skipped without re-reading)
         first_pass = True
         while True:
-            plan = self.epoch_plan(epoch)
+            plan, shapes = self.epoch_plan_shapes(epoch)
             if steps_per_rank(len(plan), start, self.world_size) == 0:
                 if not any(len(m) for m in self.bucket_members):  # nothing usable at all: fail, do not spin
                     skips.charge(self.index.skipped_by_reason or {"no_bucket": 1}, "no usable sample in the shards")
@@ -283,7 +338,8 @@ class PlannedShardDataset(IterableDataset):
                 first_pass = False
             steps = train_steps(len(plan), start, self.world_size, self.rank, num_workers, worker, steps_before)
             for _, g, after in steps:
-                items = [self._load_slot(reader, skips, int(i), epoch, g, slot, bad) for slot, i in enumerate(plan[g])]
+                items = [self._load_slot(reader, skips, int(i), epoch, g, slot, bad, shapes[g])
+                         for slot, i in enumerate(plan[g])]
                 nxt = (epoch, after) if steps_per_rank(len(plan), after, self.world_size) > 0 else (epoch + 1, 0)
                 items[0]["skipped_by_reason"] = skips.take()
                 items[0]["skipped"] = sum(items[0]["skipped_by_reason"].values())
@@ -291,7 +347,8 @@ class PlannedShardDataset(IterableDataset):
             steps_before += steps_per_rank(len(plan), start, self.world_size)
             epoch, start = epoch + 1, 0
 
-    def _load_slot(self, reader, skips, index: int, epoch: int, g: int, slot: int, bad: set[int]) -> dict:
+    def _load_slot(self, reader, skips, index: int, epoch: int, g: int, slot: int, bad: set[int],
+                   shape: Bucket | None = None) -> dict:
         """Load sample `index`; on failure, a replacement drawn from its bucket (deterministically:
         the first draw that decodes does not depend on which samples this reader already knows to
         be bad, so the choice is the same for any worker count). A bad sample is counted once."""
@@ -300,7 +357,7 @@ class PlannedShardDataset(IterableDataset):
         while True:
             if index not in bad:
                 try:
-                    item = self._load_index(reader, index, epoch)
+                    item = self._load_index(reader, index, epoch, shape)
                     skips.in_a_row = 0
                     return item
                 except SampleError as err:
@@ -348,7 +405,8 @@ class PlannedShardDataset(IterableDataset):
                 item.setdefault("skipped_by_reason", {})
                 yield item
 
-    def _load_index(self, reader: MemberReader, index: int, epoch: int) -> dict:
+    def _load_index(self, reader: MemberReader, index: int, epoch: int, shape: Bucket | None = None) -> dict:
+        """Load sample `index` at `shape` (an image batch's 1-frame bucket), default its own bucket."""
         ref = self.index.samples[index]
         try:
             raw = reader.read(ref, self.member_exts)
@@ -357,7 +415,7 @@ class PlannedShardDataset(IterableDataset):
         # One stream per (seed, epoch, sample key): frames and crops depend neither on who reads
         # the sample nor on which other shards are in the set (data_prep.encode_latents relies on it).
         rng = np.random.default_rng([self.seed, epoch, key_seed(ref.key)])
-        return self.load(raw, ref.key, self.buckets[int(self.bucket_of[index])], rng)
+        return self.load(raw, ref.key, shape or self.buckets[int(self.bucket_of[index])], rng)
 
     def _shard_of(self, index: int) -> str:
         return self.index.shards[self.index.samples[index].shard]
@@ -414,7 +472,8 @@ class VideoShardDataset(PlannedShardDataset):
                  shuffle_buffer: int = 0, seed: int = 0, infinite: bool = True, batch_size: int = 1,
                  buckets: Sequence[Bucket] | None = None, decode_timeout: float | None = None,
                  batched: bool = False, rank: int | None = None, world_size: int | None = None,
-                 start: tuple[int, int] = (0, 0), index: ShardIndex | None = None):
+                 start: tuple[int, int] = (0, 0), index: ShardIndex | None = None, image_ratio: float = 0.0,
+                 image_batch_size: int | None = None):
         urls = resolve_shards(shards)
         if not urls:
             raise ValueError(f"shards: no files match {shards!r}")
@@ -431,7 +490,8 @@ class VideoShardDataset(PlannedShardDataset):
         index = index if index is not None else build_index(urls)
         bucket_of = self._assign(index, buckets, fps) if len(buckets) > 1 else np.zeros(len(index), np.int64)
         super().__init__(index, bucket_of, buckets, seed=seed, infinite=infinite, shuffle=shuffle_buffer > 0,
-                         batched=batched, rank=rank, world_size=world_size, start=start)
+                         batched=batched, rank=rank, world_size=world_size, start=start, image_ratio=image_ratio,
+                         image_batch_size=image_batch_size)
 
     @staticmethod
     def _assign(index: ShardIndex, buckets: Sequence[Bucket], fps: float | None) -> np.ndarray:
@@ -470,6 +530,29 @@ class VideoShardDataset(PlannedShardDataset):
 
     def collate(self, items: list[dict]) -> dict:
         return collate_clips(items)
+
+
+class PackedVideoShardDataset(VideoShardDataset):
+    """Training batches that are token-budget packs of clips of any bucket (data/packing.py):
+    same reading, replacement and resume as VideoShardDataset; only the plan and the collate differ.
+
+    tokens[b]: DiT tokens of a clip of bucket b (packing.bucket_tokens). Each clip is read at its
+    own bucket's shape; a batch's "clip" is a list of uint8 [T_i, H_i, W_i, 3].
+    """
+
+    def __init__(self, *args, tokens: Sequence[int], max_tokens: int, open_packs: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.tokens, self.max_tokens, self.open_packs = list(tokens), int(max_tokens), int(open_packs)
+
+    def epoch_plan(self, epoch: int) -> list[np.ndarray]:
+        return pack_epoch(self.bucket_of, self.tokens, self.max_tokens, self.open_packs, self.seed, epoch)
+
+    def epoch_plan_shapes(self, epoch: int) -> tuple[list[np.ndarray], list[None]]:
+        packs = self.epoch_plan(epoch)
+        return packs, [None] * len(packs)  # None: each sample at its own bucket's shape
+
+    def collate(self, items: list[dict]) -> dict:
+        return collate_packed(items)
 
 
 def _with_skips(item: dict, skipped: dict[str, int]) -> dict:
@@ -536,7 +619,15 @@ class ResumableDataModule(L.LightningDataModule):
         return batch
 
     def _rank_world(self) -> tuple[int, int]:
+        """(rank, world size) to shard data by: the data-parallel ones. Under a Trainer they are
+        the strategy's DistributedSampler arguments, which dit_video.parallel's sequence-parallel
+        strategies set so all ranks of one group read the same batches (= trainer rank/world otherwise)."""
+        from lightning.pytorch.strategies import ParallelStrategy
+
         trainer = getattr(self, "trainer", None)  # set by Lightning's Trainer; None when used alone
+        if trainer is not None and isinstance(trainer.strategy, ParallelStrategy) and trainer.world_size > 1:
+            kwargs = trainer.strategy.distributed_sampler_kwargs
+            return int(kwargs["rank"]), int(kwargs["num_replicas"])
         if trainer is not None:
             return int(trainer.global_rank), int(trainer.world_size)
         return dist_info()
@@ -572,6 +663,9 @@ class VideoDataModule(ResumableDataModule):
         super().__init__()
         # A mapping (e.g. Hydra's cfg.data) is checked field by field: unknown keys are a TypeError.
         self.cfg = cfg if isinstance(cfg, VideoDataConfig) else VideoDataConfig(**cfg)
+        # (num_frames, height, width) -> DiT tokens of a clip; set by the run from its VAE and DiT
+        # (run.py), read only by data.packing.
+        self.tokens_per_clip: TokensPerClip | None = None
 
     def setup(self, stage: str | None = None) -> None:
         self.cfg.validate()  # here, not in __init__: composing a config must not need the data
@@ -584,11 +678,30 @@ class VideoDataModule(ResumableDataModule):
         urls = resolve_shards(cfg.shards)
         index = build_index(urls)
         start = self._start(index.fingerprint(), cfg.seed)
+        if cfg.packing.enabled:
+            return self._packed_train_dataset(urls, index, start, rank, world)
         return VideoShardDataset(
             urls, cfg.num_frames, cfg.fps, cfg.size, crop=cfg.crop, decoder=cfg.decoder,
             shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed, infinite=True, batch_size=cfg.batch_size,
             buckets=cfg.bucket_table(), decode_timeout=cfg.decode_timeout, batched=True, rank=rank,
+            world_size=world, start=start, index=index, image_ratio=cfg.image_ratio,
+            image_batch_size=cfg.image_batch_size,
+        )
+
+    def _packed_train_dataset(self, urls, index, start, rank, world) -> PackedVideoShardDataset:
+        cfg = self.cfg
+        if self.tokens_per_clip is None:
+            raise ValueError(
+                "data.packing.enabled: the loader needs the DiT's tokens per clip; train through dit_video.run "
+                "(task=dit) or set VideoDataModule.tokens_per_clip = f(num_frames, height, width)"
+            )
+        buckets = cfg.bucket_table()
+        return PackedVideoShardDataset(
+            urls, cfg.num_frames, cfg.fps, cfg.size, crop=cfg.crop, decoder=cfg.decoder, seed=cfg.seed,
+            infinite=True, buckets=buckets, decode_timeout=cfg.decode_timeout, batched=True, rank=rank,
             world_size=world, start=start, index=index,
+            tokens=bucket_tokens(buckets, self.tokens_per_clip, cfg.packing.max_tokens),
+            max_tokens=cfg.packing.max_tokens, open_packs=cfg.packing.open_packs,
         )
 
     def train_dataloader(self) -> DataLoader:

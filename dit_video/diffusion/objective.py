@@ -58,6 +58,7 @@ class ObjectiveConfig:
     )
     cond_random: float = 0.0  # probability a sample trains with randomly masked (given) latent frames
     cond_random_frame_prob: float = 0.5  # within random masking, probability each latent frame is given
+    per_frame_t: bool = False  # diffusion forcing (Chen et al. 2024): an independent t per latent frame (per temporal patch), t [B, T]
 
     def validate(self) -> None:
         if self.timestep_sampling not in TIMESTEP_SAMPLINGS:
@@ -126,10 +127,9 @@ class Objective:
         raise NotImplementedError
 
     def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """x_t = alpha x_0 + sigma eps with t [B] broadcast over [B, C, T, H, W]."""
-        alpha, sigma = (
-            c.view(-1, *([1] * (latents.dim() - 1))) for c in self.alpha_sigma(t)
-        )  # [B, 1, 1, 1, 1]
+        """x_t = alpha x_0 + sigma eps with t [B] (or per frame [B, T]) broadcast over [B, C, T, H, W]."""
+        shape = (-1, 1, t.shape[1], 1, 1) if t.dim() == 2 else (-1, *([1] * (latents.dim() - 1)))
+        alpha, sigma = (c.view(shape) for c in self.alpha_sigma(t))  # [B, 1, 1 or T, 1, 1]
         return alpha * latents + sigma * noise
 
     def model_input(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -227,6 +227,15 @@ class Objective:
         # "objective": the MSE of the native target, expressed in the chosen target's space
         return (self.x0_scale(t) / self.x0_scale(t, self.native_target)) ** 2
 
+    def sample_frame_t(self, latents: torch.Tensor, generator=None, num_tokens: torch.Tensor | None = None):
+        """Per-frame training times t [B, T] (diffusion forcing): one draw of sample_t per temporal
+        patch (patch_size[0] latent frames share a token, so they share t), repeated over its frames."""
+        b, frames = latents.shape[0], latents.shape[2]
+        pt = int(self.cfg.patch_size[0])
+        tokens = None if num_tokens is None else num_tokens.repeat_interleave(frames // pt)  # [B * T / pt]
+        t = self.sample_t(b * (frames // pt), latents.device, generator, tokens)  # [B * T / pt]
+        return t.view(b, frames // pt).repeat_interleave(pt, dim=1)  # [B, T]
+
     def draw_cond_mask(self, latents: torch.Tensor, generator=None) -> torch.Tensor | None:
         """Training conditioning masks [B, T] from the cfg.cond_* probabilities, or None if all are 0."""
         c = self.cfg
@@ -252,30 +261,47 @@ class Objective:
         generator: torch.Generator | None = None,
         cond_mask: torch.Tensor | None = None,
         num_tokens: torch.Tensor | None = None,
+        pooled: torch.Tensor | None = None,
     ):
         """Weighted MSE between the network output and the target.
 
         latents [B, C, T, H, W] (clean, normalised). cond_mask [B, T] (bool) marks conditioning
         frames: kept clean in x_t and left out of the loss; None draws them from the cfg.cond_*
         probabilities (none by default). num_tokens [B] overrides the token count used by a
-        token-dependent shift (e.g. the unpadded sizes of a padded mixed-size batch).
+        token-dependent shift (e.g. the unpadded sizes of a padded mixed-size batch). pooled [B, P]:
+        the pooled text vector, passed to the model only when given (model.pooled_text_dim > 0).
         Returns (loss scalar, aux) with aux `t` [B], `loss_per_sample` [B] (weighted, what the
         gradient sees), `mse_per_sample` [B] (unweighted) and `cond_mask` [B, T] or None; all detached.
+        With cfg.per_frame_t the network gets t [B, T], each frame's loss is weighted by its own t,
+        and aux `t` is each sample's mean t.
         """
         noise = torch.randn(latents.shape, device=latents.device, dtype=latents.dtype, generator=generator)
         if self.cfg.shift_base_tokens > 0 and num_tokens is None:
             num_tokens = self.num_tokens(latents)
-        t = self.sample_t(latents.shape[0], latents.device, generator, num_tokens)  # [B]
+        if self.cfg.per_frame_t:
+            t = self.sample_frame_t(latents, generator, num_tokens)  # [B, T]
+        else:
+            t = self.sample_t(latents.shape[0], latents.device, generator, num_tokens)  # [B]
         if cond_mask is None:
             cond_mask = self.draw_cond_mask(latents, generator)
         x_t = self.add_noise(latents, noise, t)  # [B, C, T, H, W]
         if cond_mask is not None:
             x_t = hold_cond_frames(x_t, latents, cond_mask)  # given frames stay clean
-        pred = model(self.model_input(x_t, t), t, text_emb, text_mask)  # [B, C, T, H, W]
+        extra = {} if pooled is None else {"pooled": pooled}  # only pooled-text DiTs take it
+        pred = model(self.model_input(x_t, t), t, text_emb, text_mask, **extra)  # [B, C, T, H, W]
         # The loss is computed in fp32: under bf16 autocast the prediction is bf16, and a bf16
         # mean over ~1e4 elements loses the small differences late training cares about.
         target = self.target(latents.float(), noise.float(), x_t.float(), t.float())
         err = F.mse_loss(pred.float(), target, reduction="none")  # [B, C, T, H, W]
+        if t.dim() == 2:  # per-frame t: each frame weighted by its own t, then the mean over frames that count
+            frame_mse = err.mean(dim=(1, 3, 4))  # [B, T]
+            keep = torch.ones_like(frame_mse) if cond_mask is None else (~cond_mask).float()  # [B, T]
+            kept = keep.sum(1).clamp(min=1)  # [B]
+            loss_per_sample = (frame_mse * self.loss_weight(t.float()) * keep).sum(1) / kept  # [B]
+            mse_per_sample = (frame_mse * keep).sum(1) / kept  # [B]
+            aux = {"t": t.mean(1).detach(), "loss_per_sample": loss_per_sample.detach(),
+                   "mse_per_sample": mse_per_sample.detach(), "cond_mask": cond_mask}
+            return loss_per_sample.mean(), aux
         if cond_mask is None:
             mse_per_sample = err.flatten(1).mean(1)  # [B]
         else:
@@ -291,11 +317,79 @@ class Objective:
         }
         return loss_per_sample.mean(), aux
 
+    def loss_packed(
+        self,
+        model,
+        latents: list[torch.Tensor],
+        text_emb: torch.Tensor,
+        text_mask: torch.Tensor,
+        generator: torch.Generator | None = None,
+        pooled: torch.Tensor | None = None,
+    ):
+        """`loss` for a packed batch (NaViT): clips of different sizes in one DiT.forward_packed call.
+
+        latents: B clean latents [C, T_i, H_i, W_i]; text_emb [B, L, D], text_mask [B, L]; pooled
+        [B, P] or None, as in `loss`.
+        Randomness is drawn sample by sample in `loss`'s order (noise, t, conditioning frames),
+        so the packed batch sees exactly what B bucket batches of one sample would; a token-dependent
+        shift uses each sample's own token count. Reduction as in `loss`: the mean over each
+        sample's elements, then the mean over samples, so a large clip does not outweigh a small
+        one (the packed and bucket modes optimise the same objective).
+        Returns (loss scalar, aux) as `loss`, with aux `cond_mask` bool [ΣT_i] (all samples' latent
+        frames in order) or None.
+        """
+        if self.cfg.per_frame_t:  # forward_packed takes one t per clip
+            raise ValueError("objective.per_frame_t=true does not work with data.packing yet; turn one of them off")
+        noisy, noises, times, masks = [], [], [], []
+        for x in latents:
+            x = x[None]  # [1, C, T, H, W]
+            noise = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
+            num_tokens = self.num_tokens(x) if self.cfg.shift_base_tokens > 0 else None
+            t = self.sample_t(1, x.device, generator, num_tokens)  # [1]
+            cond_mask = self.draw_cond_mask(x, generator)  # [1, T] or None
+            x_t = self.add_noise(x, noise, t)  # [1, C, T, H, W]
+            if cond_mask is not None:
+                x_t = hold_cond_frames(x_t, x, cond_mask)  # given frames stay clean
+            noisy.append(x_t)
+            noises.append(noise)
+            times.append(t)
+            masks.append(cond_mask)
+        t = torch.cat(times)  # [B]
+        extra = {} if pooled is None else {"pooled": pooled}  # only pooled-text DiTs take it
+        preds = model.forward_packed(
+            [self.model_input(x_t, t_i)[0] for x_t, t_i in zip(noisy, times, strict=True)], t, text_emb, text_mask,
+            **extra,
+        )  # B x [C, T_i, H_i, W_i]
+        mse = []
+        for x, noise, x_t, t_i, pred, cond_mask in zip(latents, noises, noisy, times, preds, masks, strict=True):
+            target = self.target(x[None].float(), noise.float(), x_t.float(), t_i.float())  # [1, C, T, H, W]
+            err = F.mse_loss(pred[None].float(), target, reduction="none")  # [1, C, T, H, W]
+            if cond_mask is None:
+                mse.append(err.mean())
+            else:
+                keep = (~cond_mask)[:, None, :, None, None].float()  # [1, 1, T, 1, 1]
+                mse.append((err * keep).sum() / keep.expand_as(err).sum().clamp(min=1))
+        mse_per_sample = torch.stack(mse)  # [B]
+        loss_per_sample = mse_per_sample * self.loss_weight(t.float())  # [B]
+        aux = {
+            "t": t.detach(),
+            "loss_per_sample": loss_per_sample.detach(),
+            "mse_per_sample": mse_per_sample.detach(),
+            # [ΣT_i] given-frame flags of all samples (frames differ per sample, so no [B, T] mask)
+            "cond_mask": None if all(m is None for m in masks) else torch.cat([
+                torch.zeros(x.shape[1], dtype=torch.bool, device=x.device) if m is None else m[0]
+                for x, m in zip(latents, masks, strict=True)
+            ]),
+        }
+        return loss_per_sample.mean(), aux
+
 
 def _bcast(c: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Per-sample [B] (or scalar) coefficient -> broadcastable against [B, C, T, H, W]."""
+    """Per-sample [B] (per-frame [B, T], or scalar) coefficient -> broadcastable against [B, C, T, H, W]."""
     if c.dim() == 0:
         return c.to(like.dtype)
+    if c.dim() == 2:
+        return c.to(like.dtype)[:, None, :, None, None]  # [B, 1, T, 1, 1]
     return c.to(like.dtype).view(-1, *([1] * (like.dim() - 1)))
 
 

@@ -75,14 +75,24 @@ class GuidedModel:
         cfg: float = 1.0,
         guidance_rescale: float = 0.0,
         guidance_interval: tuple[float, float] = (0.0, 1.0),
+        pooled: torch.Tensor | None = None,
+        null_pooled: torch.Tensor | None = None,
     ):
         self.model, self.cfg = model, cfg
         self.guidance_rescale, self.guidance_interval = guidance_rescale, tuple(guidance_interval)
         self.cond_text = (text_emb, text_mask)
+        # A pooled text vector [B, P] (model.pooled_text_dim > 0) is passed only when given, so
+        # models without it (and the diffusers reference tests) see the four-argument call.
+        self.cond_extra = {} if pooled is None else {"pooled": pooled}
+        self.extra = self.cond_extra
         if cfg != 1.0:
             if null_text_emb is None:
                 raise ValueError("cfg != 1 needs null_text_emb/null_text_mask (the encoded empty caption)")
             b = text_emb.shape[0]
+            if pooled is not None:
+                if null_pooled is None:
+                    raise ValueError("cfg != 1 with a pooled text vector needs null_pooled (the empty caption's)")
+                self.extra = {"pooled": torch.cat([pooled, null_pooled.to(pooled).expand(b, -1)])}  # [2B, P]
             if null_text_emb.shape[0] == 1:  # one unconditional embedding shared by the batch
                 null_text_emb = null_text_emb.expand(b, -1, -1)
                 null_text_mask = null_text_mask.expand(b, -1)
@@ -101,8 +111,8 @@ class GuidedModel:
     def __call__(self, x: torch.Tensor, t: float) -> torch.Tensor:
         b = x.shape[0]
         if not self.guides_at(t):
-            return self.model(x, x.new_full((b,), t), *self.cond_text).to(x.dtype)
-        out = self.model(torch.cat([x, x]), x.new_full((2 * b,), t), self.text_emb, self.text_mask).to(
+            return self.model(x, x.new_full((b,), t), *self.cond_text, **self.cond_extra).to(x.dtype)
+        out = self.model(torch.cat([x, x]), x.new_full((2 * b,), t), self.text_emb, self.text_mask, **self.extra).to(
             x.dtype
         )
         out_cond, out_uncond = out.chunk(2)  # [B, C, T, H, W] each
@@ -264,6 +274,8 @@ def sample(
     guidance_interval: tuple[float, float] = (0.0, 1.0),
     cond_latents: torch.Tensor | None = None,
     cond_mask: torch.Tensor | None = None,
+    pooled: torch.Tensor | None = None,
+    null_pooled: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Noise + text -> latents, usable without Lightning.
 
@@ -275,6 +287,8 @@ def sample(
     (for a VP objective that is diffusers' "trailing" spacing; see schedules.vp_timesteps).
     eta: DDIM stochasticity (sampler="ddim" only). cond_latents [B, C, T, H, W] with cond_mask
     [B, T] (bool): frames held fixed to the given latents (image-to-video, video extension).
+    pooled [B, P] / null_pooled [1 or B, P]: pooled text vectors of the prompts / the empty caption,
+    for a DiT with model.pooled_text_dim > 0 (passed to the model as `pooled=`).
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler={sampler!r} is unknown; choose one of {sorted(SAMPLERS)}")
@@ -316,7 +330,8 @@ def sample(
         noise = torch.randn(shape, generator=generator, device=text_emb.device)
     x = noise.to(torch.promote_types(noise.dtype, torch.float32))
     guided = GuidedModel(
-        model, text_emb, text_mask, null_text_emb, null_text_mask, cfg, guidance_rescale, guidance_interval
+        model, text_emb, text_mask, null_text_emb, null_text_mask, cfg, guidance_rescale, guidance_interval,
+        pooled=pooled, null_pooled=null_pooled,
     )
     denoise = Denoiser(guided, objective, cond_latents, cond_mask)
     x = SAMPLERS[sampler](denoise, x, ts, objective, eta=eta, generator=generator, progress=progress)

@@ -5,7 +5,9 @@ embedding is projected ONCE per sample to six modulation vectors (shift/scale/ga
 self-attention and MLP, the DiT paper's adaLN-Zero terms), and each block adds its own learned
 [6, D] table. Versus DiT's per-block Linear(D, 6D) this saves 6*D^2 parameters per block (27% of
 an XL block with cross-attention) and its modulation costs one add per block. Text enters
-through cross-attention.
+through cross-attention. `modulation="adaln_zero"` gives each block the DiT paper's own
+Linear(c -> 6D) instead; `conditioning="mmdit"` swaps these blocks for the joint-attention
+ones in mmdit.py.
 """
 
 from __future__ import annotations
@@ -21,6 +23,11 @@ from .attention import attention
 from .rope import apply_rope
 
 RopeTable = tuple[torch.Tensor, torch.Tensor]
+
+
+def maybe_rope(x: torch.Tensor, rope: RopeTable | None) -> torch.Tensor:
+    """apply_rope, or x unchanged when positions come from an absolute embedding (rope None)."""
+    return x if rope is None else apply_rope(x, rope)
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -90,22 +97,26 @@ class SelfAttention(nn.Module):
         super().__init__()
         self.num_heads = num_heads
         self.backend = backend
+        # The attention function; dit_video/parallel.py swaps in a sequence-parallel one (Ulysses
+        # or ring attention over a token-sharded sequence), so this file never sees a process group.
+        self.attend = attention
         head_dim = hidden_size // num_heads
         self.qkv = nn.Linear(hidden_size, 3 * hidden_size)  # one GEMM instead of three
         self.q_norm = RMSNorm(head_dim, eps) if qk_norm else nn.Identity()
         self.k_norm = RMSNorm(head_dim, eps) if qk_norm else nn.Identity()
         self.proj = nn.Linear(hidden_size, hidden_size)
 
-    def forward(self, x: torch.Tensor, rope: RopeTable) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: RopeTable | None, mask=None) -> torch.Tensor:
+        """x [B, N, D] -> [B, N, D]; mask: None (full attention) or a PackedMask (packed clips)."""
         B, N, D = x.shape
         # One copy into head-major layout: the norms, RoPE and SDPA then all run on contiguous
         # memory (on strided views they measured 2-3x slower on CPU).
         qkv = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
         q, k, v = qkv.contiguous().unbind(0)  # each [B, H, N, hd]
         # Norm before RoPE (SD3/Flux order): RMSNorm bounds the logits, RoPE then only rotates.
-        q = apply_rope(self.q_norm(q), rope)  # [B, H, N, hd]
-        k = apply_rope(self.k_norm(k), rope)  # [B, H, N, hd]
-        out = attention(q, k, v, backend=self.backend)  # [B, H, N, hd]
+        q = maybe_rope(self.q_norm(q), rope)  # [B, H, N, hd]
+        k = maybe_rope(self.k_norm(k), rope)  # [B, H, N, hd]
+        out = self.attend(q, k, v, mask=mask, backend=self.backend)  # [B, H, N, hd]
         return self.proj(rearrange(out, "b h n d -> b n (h d)"))  # [B, N, D]
 
 
@@ -124,7 +135,8 @@ class CrossAttention(nn.Module):
         self.proj = nn.Linear(hidden_size, hidden_size)
 
     def forward(self, x: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor | None) -> torch.Tensor:
-        """x [B, N, D], text [B, L, D], text_mask bool [B, 1, 1, L] (True = real token) -> [B, N, D]."""
+        """x [B, N, D], text [B, L, D], text_mask bool [B, 1, 1, L] (True = real token) or a
+        PackedMask (packed clips and captions) -> [B, N, D]."""
         H = self.num_heads
         q = rearrange(self.q(x), "b n (h d) -> b h n d", h=H).contiguous()  # [B, H, N, hd]
         kv = rearrange(self.kv(text), "b l (two h d) -> two b h l d", two=2, h=H)
@@ -144,7 +156,14 @@ class DiTBlock(nn.Module):
     """
 
     def __init__(
-        self, hidden_size: int, num_heads: int, mlp_ratio: float, qk_norm: bool, eps: float, backend: str
+        self,
+        hidden_size: int,
+        num_heads: int,
+        mlp_ratio: float,
+        qk_norm: bool,
+        eps: float,
+        backend: str,
+        adaln_single: bool = True,
     ):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, eps=eps, elementwise_affine=False)  # affine comes from adaLN
@@ -153,9 +172,13 @@ class DiTBlock(nn.Module):
         self.cross_attn = CrossAttention(hidden_size, num_heads, qk_norm, eps, backend)
         self.norm3 = nn.LayerNorm(hidden_size, eps=eps, elementwise_affine=False)
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio), hidden_size)
-        # adaLN-single: this block's learned offsets to the shared timestep modulation (PixArt's
-        # scale_shift_table). Zero init: gates are 0, so the block starts as the identity.
-        self.modulation = nn.Parameter(torch.zeros(6, hidden_size))
+        if adaln_single:
+            # adaLN-single: this block's learned offsets to the shared timestep modulation (PixArt's
+            # scale_shift_table). Zero init: gates are 0, so the block starts as the identity.
+            self.modulation = nn.Parameter(torch.zeros(6, hidden_size))
+        else:
+            # adaLN-Zero (DiT): this block's own projection of c, zero-initialised like the table.
+            self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
     def forward(
         self,
@@ -163,12 +186,24 @@ class DiTBlock(nn.Module):
         t_mod: torch.Tensor,
         text: torch.Tensor,
         text_mask: torch.Tensor | None,
-        rope: RopeTable,
+        rope: RopeTable | None,
+        *,
+        self_mask=None,
     ) -> torch.Tensor:
-        """x [B, N, D], t_mod [B, 6, D], text [B, L, D], text_mask bool [B, 1, 1, L], rope ([N, hd], [N, hd])."""
-        mod = self.modulation + t_mod  # [B, 6, D], once per sample, not per token
-        shift_sa, scale_sa, gate_sa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=1)  # each [B, 1, D]
-        x = torch.addcmul(x, gate_sa, self.attn(modulate(self.norm1(x), shift_sa, scale_sa), rope))
+        """x [B, N, D], t_mod [B, 6, D] (or [B, N, 6, D]: per token, as for packed clips of different t;
+        with adaLN-Zero it is c [B, D] or [B, N, D]), text [B, L, D], text_mask bool [B, 1, 1, L],
+        rope ([N, hd], [N, hd]) or None (absolute positions); self_mask None or a
+        PackedMask for self-attention (dit_video/model/packing.py)."""
+        if hasattr(self, "modulation"):
+            if t_mod.dim() == 3:
+                t_mod = t_mod[:, None]  # [B, 1, 6, D]: one modulation for every token of a sample
+            mod = self.modulation + t_mod  # [B, 1 or N, 6, D]
+        else:  # adaLN-Zero: t_mod is c [B, D] (or [B, N, D] per token)
+            mod = self.adaLN_modulation(t_mod).unflatten(-1, (6, -1))  # [B, 6, D] or [B, N, 6, D]
+            if mod.dim() == 3:
+                mod = mod[:, None]  # [B, 1, 6, D]
+        shift_sa, scale_sa, gate_sa, shift_mlp, scale_mlp, gate_mlp = mod.unbind(-2)  # each [B, 1 or N, D]
+        x = torch.addcmul(x, gate_sa, self.attn(modulate(self.norm1(x), shift_sa, scale_sa), rope, self_mask))
         x = x + self.cross_attn(self.norm2(x), text, text_mask)
         x = torch.addcmul(x, gate_mlp, self.mlp(modulate(self.norm3(x), shift_mlp, scale_mlp)))
         return x  # [B, N, D]
@@ -184,6 +219,9 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(hidden_size, patch_out_dim)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        """x [B, N, D], c [B, D] -> [B, N, C_out*pt*ph*pw]."""
-        shift, scale = self.adaLN_modulation(c)[:, None].chunk(2, dim=-1)  # each [B, 1, D]
+        """x [B, N, D], c [B, D] (or [B, N, D] per token, for packed clips) -> [B, N, C_out*pt*ph*pw]."""
+        mod = self.adaLN_modulation(c)  # [B, 2D] or [B, N, 2D]
+        if mod.dim() == 2:
+            mod = mod[:, None]  # [B, 1, 2D]: one modulation for every token of a sample
+        shift, scale = mod.chunk(2, dim=-1)  # each [B, 1 or N, D]
         return self.linear(modulate(self.norm(x), shift, scale))  # [B, N, patch_out_dim]
