@@ -82,3 +82,35 @@ def test_distributed_sampling_two_gloo_ranks_each_prompt_once(run, tmp_path):
     for r in results:
         assert r["clips"].shape == (5, 17, 32, 32, 3) and list(r["owner"]) == [0, 1, 0, 1, 0]
     np.testing.assert_array_equal(results[0]["clips"], results[1]["clips"])  # every rank holds the gathered set
+
+
+def test_throughput_counts_each_batch_at_its_real_shapes():
+    """Buckets, 1-frame image batches and packed batches: FLOPs/tokens follow the batch, not the
+    run's nominal clip size (an image batch counted at video FLOPs would inflate MFU)."""
+    import types
+
+    from dit_video.eval.in_training import Throughput, ThroughputConfig
+    from dit_video.model import DiTConfig
+    from dit_video.model.flops import dit_flops
+
+    cfg = DiTConfig(in_channels=4, text_dim=32, hidden_size=64, depth=2, num_heads=4)
+    cb = Throughput(ThroughputConfig())
+    cb.dit_cfg, cb.text_len = cfg, 16
+
+    def latent_shape(t, h, w):  # a causal 4x temporal, 4x spatial VAE
+        return (1 + (t - 1) // 4, h // 4, w // 4)
+
+    module = types.SimpleNamespace(vae=types.SimpleNamespace(latent_shape=latent_shape))
+    video = {"clip": torch.zeros(3, 17, 32, 32, 3, dtype=torch.uint8)}
+    image = {"clip": torch.zeros(5, 1, 32, 32, 3, dtype=torch.uint8)}
+    packed = {"clip": [torch.zeros(17, 32, 32, 3, dtype=torch.uint8), torch.zeros(9, 16, 32, 3, dtype=torch.uint8)]}
+    latents = {"latents": torch.zeros(2, 4, 5, 8, 8)}
+
+    def flops(shape):
+        return dit_flops(cfg, shape, 16).training
+
+    assert cb.batch_cost(video, module) == (3, 3 * 5 * 4 * 4, 3 * flops((5, 8, 8)))
+    assert cb.batch_cost(image, module) == (5, 5 * 4 * 4, 5 * flops((1, 8, 8)))
+    assert cb.batch_cost(packed, module) == (2, 5 * 4 * 4 + 3 * 2 * 4, flops((5, 8, 8)) + flops((3, 4, 8)))
+    assert cb.batch_cost(latents, module) == (2, 2 * 5 * 4 * 4, 2 * flops((5, 8, 8)))
+    assert flops((1, 8, 8)) < flops((5, 8, 8)) / 4

@@ -271,8 +271,8 @@ class ValidationLoss(L.Callback):
                 if i >= c.max_batches:
                     break
                 latents = pl_module.encode_clips(batch["clip"].to(pl_module.device))  # [B, C, T', H', W']
-                text_emb, text_mask = pl_module.encode_text(list(batch["caption"]))
-                _, aux = pl_module.objective.loss(dit, latents, text_emb, text_mask, generator=generator)
+                text_emb, text_mask, pooled = pl_module.encode_text_pooled(list(batch["caption"]))
+                _, aux = pl_module.objective.loss(dit, latents, text_emb, text_mask, generator=generator, pooled=pooled)
                 means, n = loss_by_t_bucket(aux["t"], aux["mse_per_sample"], k)
                 sums += torch.nan_to_num(means.double().cpu()) * n.cpu()
                 counts += n.double().cpu()
@@ -331,20 +331,18 @@ class Throughput(L.Callback):
 
     def __init__(self, cfg: ThroughputConfig):
         self.cfg = cfg
-        self.flops_per_sample = self.tokens_per_sample = None
+        self.flops_per_sample = self.tokens_per_sample = None  # at the run's nominal latent shape (logged once)
         self.peak = math.nan
         self.last = None
-        self.window_time, self.window_samples = 0.0, 0
+        self.window_time, self.window_samples, self.window_tokens, self.window_flops = 0.0, 0, 0, 0.0
+        self._cost: dict[tuple[int, int, int], tuple[int, float]] = {}  # latent shape -> (tokens, FLOPs)
 
     def on_fit_start(self, trainer, pl_module) -> None:
-        from dit_video.model.flops import dit_flops
         from dit_video.pipeline import _dit_config
 
-        dit_cfg = _dit_config(pl_module.meta["dit_config"])
-        latent_shape = tuple(pl_module.meta["latent_shape"])
-        text_len = int(pl_module.text_encoder.max_length)
-        self.flops_per_sample = dit_flops(dit_cfg, latent_shape, text_len).training
-        self.tokens_per_sample = math.prod(dit_cfg.grid(latent_shape))
+        self.dit_cfg = _dit_config(pl_module.meta["dit_config"])
+        self.text_len = int(getattr(pl_module.text_encoder, "max_length", 0) or 0)
+        self.tokens_per_sample, self.flops_per_sample = self.cost(tuple(pl_module.meta["latent_shape"]))
         precision = str(trainer.precision)
         dtype = torch.bfloat16 if "bf16" in precision else torch.float32
         if self.cfg.peak_tflops:
@@ -355,22 +353,51 @@ class Throughput(L.Callback):
             log.info("throughput: %.3g GFLOP per training sample, %d tokens; peak %.3g TFLOP/s per device (%s)",
                      self.flops_per_sample / 1e9, self.tokens_per_sample, self.peak, source)
 
+    def cost(self, latent_shape: tuple[int, int, int]) -> tuple[int, float]:
+        """(tokens, training FLOPs) of one sample with latents of this (T', H', W')."""
+        if latent_shape not in self._cost:
+            from dit_video.model.flops import dit_flops
+
+            tokens = math.prod(self.dit_cfg.grid(latent_shape))
+            self._cost[latent_shape] = (tokens, dit_flops(self.dit_cfg, latent_shape, self.text_len).training)
+        return self._cost[latent_shape]
+
+    def batch_cost(self, batch, pl_module) -> tuple[int, int, float]:
+        """(samples, tokens, FLOPs) of this rank's batch at its real shapes: buckets, 1-frame image
+        batches and packed batches cost what they cost, not the nominal clip's FLOPs."""
+        if "latents" in batch:  # data=latents: [B, C, T', H', W']
+            shapes = [tuple(batch["latents"].shape[2:])] * batch["latents"].shape[0]
+        else:  # uint8 clips [B, T, H, W, 3], or a packed list of [T, H, W, 3]
+            clips = batch["clip"] if isinstance(batch["clip"], list) else list(batch["clip"])
+            shapes = [tuple(pl_module.vae.latent_shape(*clip.shape[:3])) for clip in clips]
+        costs = [self.cost(shape) for shape in shapes]
+        return len(shapes), sum(c[0] for c in costs), sum(c[1] for c in costs)
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         now = time.perf_counter()
         if self.last is not None:  # the first step (compile, warm-up) is not timed
+            samples, tokens, flops = self.batch_cost(batch, pl_module)
+            # ranks of one sequence-parallel group share a batch: count it once per group
+            sp = _group_size(getattr(pl_module, "sequence_group", None))
+            replicas = trainer.world_size // sp
             self.window_time += now - self.last
-            self.window_samples += len(batch["caption"]) * trainer.world_size
+            self.window_samples += samples * replicas
+            self.window_tokens += tokens * replicas
+            self.window_flops += flops * replicas
         self.last = now
         if trainer.global_step % self.cfg.log_every_n_steps != 0 or self.window_time == 0:
             return
-        samples_per_sec = self.window_samples / self.window_time
-        tflops = samples_per_sec * self.flops_per_sample / trainer.world_size / 1e12  # per device
+        tflops = self.window_flops / self.window_time / trainer.world_size / 1e12  # per device
         metrics = {
-            "perf/samples_per_sec": samples_per_sec,
-            "perf/tokens_per_sec": samples_per_sec * self.tokens_per_sample,
+            "perf/samples_per_sec": self.window_samples / self.window_time,
+            "perf/tokens_per_sec": self.window_tokens / self.window_time,
             "perf/tflops_per_device": tflops,
             "perf/mfu": tflops / self.peak if self.peak > 0 else math.nan,
             **memory_gb(pl_module.device),
         }
-        self.window_time, self.window_samples = 0.0, 0
+        self.window_time, self.window_samples, self.window_tokens, self.window_flops = 0.0, 0, 0, 0.0
         _log_scalars(trainer, metrics)
+
+
+def _group_size(group) -> int:
+    return 1 if group is None else torch.distributed.get_world_size(group)
