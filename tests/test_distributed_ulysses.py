@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from spawn_ranks import spawn_ranks
 
 WORLD = 2
 
@@ -62,19 +62,7 @@ def _rank(rank: int, store: str, queue) -> None:
 
 
 def test_ulysses_attention_two_processes_equals_single_process(tmp_path):
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_rank, args=(r, str(tmp_path / "store"), queue)) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=120)
-    alive = [p for p in procs if p.is_alive()]
-    for p in alive:
-        p.kill()
-    assert not alive, "a rank hung"
-    assert [p.exitcode for p in procs] == [0] * WORLD  # an assertion failure in a rank exits non-zero
-    done = dict(queue.get(timeout=5) for _ in range(WORLD))
+    done = spawn_ranks(_rank, str(tmp_path / "store"), WORLD, timeout=120)
     assert all(len(v) == 4 for v in done.values())
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from spawn_ranks import spawn_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
 WORLD = 2
@@ -90,19 +90,7 @@ def _rank(rank: int, store: str, queue) -> None:
 
 
 def test_sharded_dit_equals_whole_dit_on_two_processes(tmp_path):
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_rank, args=(r, str(tmp_path / "store"), queue)) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=180)
-    alive = [p for p in procs if p.is_alive()]
-    for p in alive:
-        p.kill()
-    assert not alive, "a rank hung"
-    assert [p.exitcode for p in procs] == [0] * WORLD  # an assertion failure in a rank exits non-zero
-    done = dict(queue.get(timeout=5) for _ in range(WORLD))
+    done = spawn_ranks(_rank, str(tmp_path / "store"), WORLD, timeout=180)
     assert done[0] == done[1] == [("ulysses", False), ("ring", False), ("ulysses", True)]
 
 
