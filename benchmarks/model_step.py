@@ -16,6 +16,11 @@ bf16 autocast. Method:
 - GEMM rate: a 2048^3 matmul in the same dtype, timed between rounds in the same process (median);
   "% GEMM" = our model FLOPs per second (dit_video.model.flops, training = fwd + bwd, matmuls and
   attention products, recompute excluded) / that rate.
+- "bound": the % GEMM a step would reach if every matmul ran at the GEMM rate, self- and
+  cross-attention ran at the rate CPU SDPA reaches (fwd + bwd at the model's own [1, heads,
+  tokens, head_dim] shape, timed in the same run, "SDPA GF/s") and everything else took no time:
+  training FLOPs / (matmul FLOPs / GEMM rate + attention FLOPs / SDPA rate) / GEMM rate. Attention
+  FLOPs grow with tokens^2, so at 1280-5120 tokens this caps % GEMM well below 100%.
 - peak memory: each (model, precision, size) runs in a FRESH subprocess (so one variant's freed
   but cached heap cannot hide another's), with glibc told to serve blocks >= 64 KiB by mmap
   (MALLOC_MMAP_THRESHOLD_=65536) so freed tensors go back to the OS and RSS tracks live memory.
@@ -111,6 +116,24 @@ def gemm_rate(dtype: torch.dtype, n: int = 2048) -> float:
     return 2 * n**3 / best
 
 
+def sdpa_rate(dtype: torch.dtype, tokens: int) -> float:
+    """FLOP/s of CPU SDPA forward + backward at [1, HEADS, tokens, HIDDEN/HEADS] (best of 2 after a warm-up)."""
+    q, k, v = (torch.randn(1, HEADS, tokens, HIDDEN // HEADS, dtype=dtype, requires_grad=True) for _ in range(3))
+    grad = torch.randn(1, HEADS, tokens, HIDDEN // HEADS, dtype=dtype)
+
+    def run() -> None:
+        torch.nn.functional.scaled_dot_product_attention(q, k, v).backward(grad)
+
+    run()
+    best = float("inf")
+    for _ in range(2):
+        t0 = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - t0)
+    # forward: q k^T and probs v, 2 * tokens^2 * HIDDEN each; backward twice that (no recompute counted)
+    return 3 * 4 * tokens**2 * HIDDEN / best
+
+
 def _rss_kib(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
@@ -162,7 +185,9 @@ def main() -> None:
     for precision in args.precisions:
         dtype = torch.bfloat16 if precision == "bf16" else torch.float32
         for frames in args.frames:
-            flops = dit_flops(cfg, (frames, HW, HW), TEXT_LEN).training
+            count = dit_flops(cfg, (frames, HW, HW), TEXT_LEN)
+            flops = count.training
+            attn_flops = 3 * count.attention  # fwd + bwd (2x fwd) of the attention products
             ours, theirs = make_step("ours", frames, precision), make_step("diffusers", frames, precision)
             ours()
             theirs()
@@ -181,22 +206,26 @@ def main() -> None:
                 mem_ours, mem_theirs = (measure_memory(w, frames, precision) for w in ("ours", "diffusers"))
             rate = statistics.median(rates)
             achieved = flops / statistics.median(t_ours)
+            attn_rate = sdpa_rate(dtype, frames * (HW // 2) ** 2)
+            bound = flops / ((flops - attn_flops) / rate + attn_flops / attn_rate) / rate
             rows.append(
                 (precision, frames, statistics.median(t_ours), statistics.median(t_theirs), ratio,
-                 mem_ours, mem_theirs, mem_ours / mem_theirs, achieved / 1e9, rate / 1e9, achieved / rate)
+                 mem_ours, mem_theirs, mem_ours / mem_theirs, achieved / 1e9, rate / 1e9, achieved / rate,
+                 attn_rate / 1e9, bound)
             )
             print(f"  done {precision} {frames} frames", file=sys.stderr, flush=True)
 
     header = (
         f"{'prec':>5} {'frames':>6} {'tokens':>6} {'ours s':>8} {'diff s':>8} {'time ratio':>10} "
-        f"{'ours MiB':>9} {'diff MiB':>9} {'mem ratio':>9} {'GFLOP/s':>8} {'GEMM GF/s':>9} {'% GEMM':>7}"
+        f"{'ours MiB':>9} {'diff MiB':>9} {'mem ratio':>9} {'GFLOP/s':>8} {'GEMM GF/s':>9} {'% GEMM':>7} "
+        f"{'SDPA GF/s':>9} {'bound':>6}"
     )
     print(header)
-    for p, f, to, td, r, mo, md, mr, ach, rate, frac in rows:
+    for p, f, to, td, r, mo, md, mr, ach, rate, frac, attn_rate, bound in rows:
         tokens = f * (HW // 2) ** 2
         print(
             f"{p:>5} {f:>6} {tokens:>6} {to:8.3f} {td:8.3f} {r:10.3f} {mo:9.0f} {md:9.0f} {mr:9.3f} "
-            f"{ach:8.1f} {rate:9.1f} {100 * frac:6.1f}%"
+            f"{ach:8.1f} {rate:9.1f} {100 * frac:6.1f}% {attn_rate:9.1f} {100 * bound:5.1f}%"
         )
     bf16_ratios = [r[4] for r in rows if r[0] == "bf16"]
     if bf16_ratios:

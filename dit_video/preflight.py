@@ -18,8 +18,8 @@ The memory model (simple on purpose; real runs add allocator slack and temporary
   gathered weights: two blocks (the current one and the prefetched next) in float32 for ZeRO-3,
   in bf16 for FSDP2 with a bf16 param_dtype, plus that block's unsharded gradient.
 - activations: what autograd saves per block per token, measured with saved-tensor hooks on this
-  block design (torch 2.13): 32 x D float32 values under fp32 (128 B x D), ~86 B x D under bf16
-  autocast (bf16 GEMM inputs, fp32 residual stream and norms), both at mlp_ratio 4 and scaled by
+  block design (torch 2.13, with the fused norm/RoPE Functions of model/fused.py): ~103 B x D under
+  fp32, ~57 B x D under bf16 autocast (bf16 GEMM inputs, fp32 residual stream), both at mlp_ratio 4 and scaled by
   (D + F) / 5D for other ratios. Attention saves O(N) (flash kernels keep the output and the
   log-sum-exp, never the N x N matrix). With checkpointing per block only each block's float32
   input stays (4 B x D per token per block), plus one block's activations during its recompute.
@@ -43,7 +43,7 @@ TEXT_DIMS = {
     "llava-llama-3-8b": 4096, "t5-v1_1-xxl+clip-vit-large-patch14": 4096,
 }
 # Saved activation bytes per token per block, in units of hidden_size, at mlp_ratio 4 (module docstring).
-ACT_BYTES_PER_D = {"fp32": 128.0, "bf16": 86.0}
+ACT_BYTES_PER_D = {"fp32": 103.0, "bf16": 57.0}
 STRATEGIES = ("DDP", "ZeRO-2", "ZeRO-3", "FSDP")
 GiB = 1024**3
 

@@ -20,6 +20,7 @@ from einops import rearrange
 from torch import nn
 
 from .attention import attention
+from .fused import layer_norm_modulate, qkv_heads, rms_norm
 from .rope import apply_rope
 
 RopeTable = tuple[torch.Tensor, torch.Tensor]
@@ -55,7 +56,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.eps)
+        # fused.py: computed in float32 and rounded once; saves x and rstd only for backward.
+        return rms_norm(x, self.weight, self.eps)
 
     def reset_parameters(self) -> None:
         nn.init.ones_(self.weight)
@@ -97,6 +99,7 @@ class SelfAttention(nn.Module):
         super().__init__()
         self.num_heads = num_heads
         self.backend = backend
+        self.qk_norm = qk_norm
         # The attention function; dit_video/parallel.py swaps in a sequence-parallel one (Ulysses
         # or ring attention over a token-sharded sequence), so this file never sees a process group.
         self.attend = attention
@@ -108,14 +111,17 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: RopeTable | None, mask=None) -> torch.Tensor:
         """x [B, N, D] -> [B, N, D]; mask: None (full attention) or a PackedMask (packed clips)."""
-        B, N, D = x.shape
-        # One copy into head-major layout: the norms, RoPE and SDPA then all run on contiguous
-        # memory (on strided views they measured 2-3x slower on CPU).
-        qkv = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
-        q, k, v = qkv.contiguous().unbind(0)  # each [B, H, N, hd]
         # Norm before RoPE (SD3/Flux order): RMSNorm bounds the logits, RoPE then only rotates.
-        q = maybe_rope(self.q_norm(q), rope)  # [B, H, N, hd]
-        k = maybe_rope(self.k_norm(k), rope)  # [B, H, N, hd]
+        if self.qk_norm:  # head split, both norms and RoPE in one autograd Function (fused.py)
+            q, k, v = qkv_heads(
+                self.qkv(x), self.q_norm.weight, self.k_norm.weight, rope, self.q_norm.eps, self.num_heads
+            )  # each [B, H, N, hd], token-major memory: SDPA's output then is too, and merging heads is a view
+        else:
+            # One copy into head-major layout: RoPE and SDPA then run on contiguous memory (on
+            # strided views they measured 2-3x slower on CPU).
+            qkv = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
+            q, k, v = qkv.contiguous().unbind(0)  # each [B, H, N, hd]
+            q, k = maybe_rope(q, rope), maybe_rope(k, rope)
         out = self.attend(q, k, v, mask=mask, backend=self.backend)  # [B, H, N, hd]
         return self.proj(rearrange(out, "b h n d -> b n (h d)"))  # [B, N, D]
 
@@ -138,7 +144,9 @@ class CrossAttention(nn.Module):
         """x [B, N, D], text [B, L, D], text_mask bool [B, 1, 1, L] (True = real token) or a
         PackedMask (packed clips and captions) -> [B, N, D]."""
         H = self.num_heads
-        q = rearrange(self.q(x), "b n (h d) -> b h n d", h=H).contiguous()  # [B, H, N, hd]
+        # A view of token-major memory: the norm keeps its layout, SDPA's output follows q's, so merging
+        # the heads below is a view (no copy, and proj saves no second copy of SDPA's saved output).
+        q = rearrange(self.q(x), "b n (h d) -> b h n d", h=H)  # [B, H, N, hd]
         kv = rearrange(self.kv(text), "b l (two h d) -> two b h l d", two=2, h=H)
         k, v = kv.contiguous().unbind(0)  # each [B, H, L, hd]
         q, k = self.q_norm(q), self.k_norm(k)
@@ -203,9 +211,10 @@ class DiTBlock(nn.Module):
             if mod.dim() == 3:
                 mod = mod[:, None]  # [B, 1, 6, D]
         shift_sa, scale_sa, gate_sa, shift_mlp, scale_mlp, gate_mlp = mod.unbind(-2)  # each [B, 1 or N, D]
-        x = torch.addcmul(x, gate_sa, self.attn(modulate(self.norm1(x), shift_sa, scale_sa), rope, self_mask))
+        # layer_norm_modulate == modulate(norm(x), shift, scale), fused (fused.py); norm1/norm3 hold eps.
+        x = torch.addcmul(x, gate_sa, self.attn(layer_norm_modulate(x, shift_sa, scale_sa, self.norm1.eps), rope, self_mask))
         x = x + self.cross_attn(self.norm2(x), text, text_mask)
-        x = torch.addcmul(x, gate_mlp, self.mlp(modulate(self.norm3(x), shift_mlp, scale_mlp)))
+        x = torch.addcmul(x, gate_mlp, self.mlp(layer_norm_modulate(x, shift_mlp, scale_mlp, self.norm3.eps)))
         return x  # [B, N, D]
 
 
@@ -224,4 +233,4 @@ class FinalLayer(nn.Module):
         if mod.dim() == 2:
             mod = mod[:, None]  # [B, 1, 2D]: one modulation for every token of a sample
         shift, scale = mod.chunk(2, dim=-1)  # each [B, 1 or N, D]
-        return self.linear(modulate(self.norm(x), shift, scale))  # [B, N, patch_out_dim]
+        return self.linear(layer_norm_modulate(x, shift, scale, self.norm.eps))  # [B, N, patch_out_dim]
