@@ -6,6 +6,16 @@
 prints the cache folder, OUT/{vae}-{hash}__{text encoder}-{hash}/{T}x{H}x{W} (layout in
 dit_video/data/latents.py); train on it with `data=latents data.cache=<that folder>`.
 
+Any VAE a training run can use: `--vae-config NAME|file.yaml vae.FIELD=VALUE ...` (a conf/vae
+config and overrides, built by the run's own `build_vae`, as data_prep.latent_stats does), e.g.
+
+    python -m data_prep.encode_latents --vae-config wan vae.path=/weights/Wan2.1-T2V-1.3B-Diffusers \
+        vae.subfolder=vae --shards ... --out data/latents --num-frames 17 --size 256 256
+
+The cache is keyed on the adapter's identity(), so training with `data=latents vae=wan` and the
+same vae.* fields accepts it and any other VAE is refused. `--vae DIR` is short for
+`--vae-config causal_demo vae.path=DIR`.
+
 Each clip is read exactly as the clip loader's validation pass reads it (centre crop; frame
 start from (seed, epoch 0, key)), so the cached latents are those on-the-fly training would
 compute for that window. One cache fixes one window per sample: on-the-fly training draws a
@@ -173,11 +183,30 @@ def load_text_encoder(spec: str, max_length: int | None, dtype: str | None):
     return HFTextEncoder(spec, max_length or 32, dtype or "float32")
 
 
+def build_vae_from_args(vae_dir: str | None, vae_config: str | None, overrides: list[str]):
+    """The frozen VAE a training run with the same vae config would build: our causal VAE from
+    `vae_dir`, or conf/vae `vae_config` + `vae.FIELD=VALUE` overrides through dit_video.run.build_vae
+    (causal or any diffusers adapter), so the cache key is the identity() training checks."""
+    from omegaconf import OmegaConf
+
+    from data_prep.latent_stats import load_vae_node
+    from dit_video.run import build_vae
+
+    if vae_dir is not None:
+        from dit_video.encoders.vae import load_vae
+
+        return load_vae(vae_dir)
+    return build_vae(OmegaConf.create({"vae": load_vae_node(vae_config, overrides)}))
+
+
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shards", nargs="+", required=True, help="clip shards (globs/braces)")
     parser.add_argument("--out", required=True, help="cache root; the cache folder is printed")
-    parser.add_argument("--vae", required=True, help="trained VAE folder (vae.safetensors + vae.json)")
+    parser.add_argument("overrides", nargs="*", metavar="vae.FIELD=VALUE", help="overrides of --vae-config")
+    vae_arg = parser.add_mutually_exclusive_group(required=True)
+    vae_arg.add_argument("--vae", help="trained causal VAE folder (vae.safetensors + vae.json)")
+    vae_arg.add_argument("--vae-config", help="conf/vae/*.yaml name or file (e.g. wan), with vae.FIELD=VALUE overrides")
     parser.add_argument("--text-encoder", default="minilm", help="conf/text_encoder name or model folder")
     parser.add_argument("--text-max-length", type=int, default=None)
     parser.add_argument("--text-dtype", default=None)
@@ -191,12 +220,16 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--dtype", default="float32", help="stored latent dtype: float32 | bfloat16 | float16")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from dit_video.encoders.vae import load_vae
-
+    if args.vae is not None and args.overrides:
+        parser.error(f"{args.overrides[0]}: vae.FIELD=VALUE overrides go with --vae-config, not --vae")
     shards = resolve_shards(args.shards, field="--shards")
     if not shards:
         parser.error(f"--shards: no files match {args.shards}")
-    out = encode_latents(shards, args.out, load_vae(args.vae), load_text_encoder(args.text_encoder, args.text_max_length,
+    try:
+        vae = build_vae_from_args(args.vae, args.vae_config, args.overrides)
+    except (ValueError, FileNotFoundError) as err:  # no VAE at vae.path, a bad field or override
+        parser.error(str(err))
+    out = encode_latents(shards, args.out, vae, load_text_encoder(args.text_encoder, args.text_max_length,
                          args.text_dtype), args.num_frames, tuple(args.size), args.fps, args.batch_size, args.seed,
                          args.decoder, args.workers, args.dtype, progress=sys.stderr.isatty())
     meta = json.loads((out / CACHE_FILE).read_text())

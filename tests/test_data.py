@@ -335,3 +335,25 @@ def test_bad_json_and_short_videos_are_skipped(tmp_path):
     items = list(VideoShardDataset(str(shard), T, None, (SIZE, SIZE), infinite=False))
     assert [it["key"] for it in items] == [key]
     assert items[0]["skipped_by_reason"] == {"bad_json": 1, "too_short": 1}
+
+
+def test_member_reader_reads_each_member_by_offset(tmp_path):
+    """One read per sample returns every member, or a subset with others between them, byte for byte."""
+    from dit_video.data.index import MemberReader, build_index
+
+    members = {"a.json": b'{"w": 1}', "a.mp4": bytes(range(256)) * 9, "a.txt": b"caption a", "b.mp4": b"x" * 700,
+               "b.txt": b"caption b"}
+    path = tmp_path / "s.tar"
+    with tarfile.open(path, "w") as tar:
+        for name, data in members.items():
+            _add(tar, name, data)
+    index = build_index([str(path)])
+    reader = MemberReader(index.shards)
+    a, b = index.samples
+    assert reader.read(a) == {"json": members["a.json"], "mp4": members["a.mp4"], "txt": members["a.txt"]}
+    assert reader.read(a, ("json", "txt")) == {"json": members["a.json"], "txt": members["a.txt"]}  # mp4 between
+    assert reader.read(b, ("txt",)) == {"txt": members["b.txt"]} and reader.read(b, ("json",)) == {}
+    reader.close()
+    path.write_bytes(path.read_bytes()[:b.members["mp4"][0] + 100])  # cut inside b.mp4
+    with pytest.raises(EOFError, match=r"b\.mp4 is cut short"):
+        MemberReader(index.shards).read(b)

@@ -151,13 +151,19 @@ class MemberReader:
 
     def read(self, ref: SampleRef, exts: Iterable[str] | None = None) -> dict[str, bytes]:
         """{ext: bytes} for the members of `ref` (all of them, or those in `exts`)."""
+        wanted = [(ext, span) for ext, span in ref.members.items() if exts is None or ext in exts]
+        if not wanted:
+            return {}
+        # A sample's members are adjacent in the tar (index.py drops keys that are not), so one
+        # seek and one read cover them all: one syscall pair per sample instead of one per member.
+        first = min(offset for _, (offset, _) in wanted)
+        end = max(offset + size for _, (offset, size) in wanted)
         f = self._file(ref.shard)
+        f.seek(first)
+        block = f.read(end - first)
         out = {}
-        for ext, (offset, size) in ref.members.items():
-            if exts is not None and ext not in exts:
-                continue
-            f.seek(offset)
-            data = f.read(size)
+        for ext, (offset, size) in wanted:
+            data = block[offset - first:offset - first + size]
             if len(data) != size:
                 raise EOFError(f"member {ref.key}.{ext} is cut short ({len(data)} of {size} bytes)")
             out[ext] = data

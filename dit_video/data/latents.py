@@ -11,7 +11,8 @@ shapes never mix and a cache is reused by every run that matches):
                               caption's own token count: no padding stored); {key}.txt caption;
                               {key}.json source metadata
 
-Identity = name + weights sha256 + config (VAE config; text encoder max_length, dim, dtype).
+Identity = name + weights sha256 + config (VAE config; text encoder max_length, dim, dtype, and
+its kind / hidden_state_layer / prompt_template / crop_start / clip_pooled where not the default).
 Paths are not part of it: the same weights copied elsewhere match. A training run whose VAE or
 text encoder has another identity is refused (`check_identity`), naming both.
 
@@ -27,6 +28,7 @@ as clips (order.py) and the same state_dict as VideoDataModule.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 from collections import Counter
@@ -47,6 +49,7 @@ from dit_video.data.loader import (
     read_caption,
     resolve_shards,
 )
+from dit_video.encoders.text import HFTextEncoder, detect_kind
 
 CACHE_FORMAT = "dit-video-latents/1"
 CACHE_FILE = "cache.json"
@@ -63,9 +66,37 @@ def vae_key(identity: Mapping) -> dict:
     return _plain({"name": identity.get("name"), "sha256": identity.get("sha256"), "config": identity.get("config")})
 
 
+# Text-encoder settings that change the embeddings; in the key only when not at their defaults,
+# so caches built before they existed (all at the defaults) keep their folder and still load.
+TEXT_SETTINGS = ("kind", "hidden_state_layer", "prompt_template", "crop_start", "clip_pooled")
+
+
+def _text_defaults() -> dict:
+    """HFTextEncoder's defaults for the settings that change embeddings, read from its signature
+    so they cannot drift; `kind`'s default (auto) is the kind its config.json gives (detect_kind)."""
+    params = inspect.signature(HFTextEncoder.__init__).parameters
+    return {name: params[name].default for name in TEXT_SETTINGS if name != "kind"}
+
+
 def text_key(identity: Mapping) -> dict:
+    """The parts of a text-encoder identity a cache depends on: name, weights sha256, max_length,
+    dim, dtype, and any TEXT_SETTINGS that differ from their defaults."""
     keep = ("name", "sha256", "max_length", "dim", "dtype")
-    return _plain({k: identity.get(k) for k in keep})
+    key = {k: identity.get(k) for k in keep}
+    defaults = _text_defaults()
+    for name in TEXT_SETTINGS:
+        value = identity.get(name)
+        if value is None:  # not an HFTextEncoder setting here (a concatenation hashes its parts' settings)
+            continue
+        if name == "kind":
+            path = identity.get("path")
+            # An explicit kind equal to what `auto` detects loads the same model: not a difference.
+            if path is None or not (Path(path) / "config.json").is_file() or value == detect_kind(Path(path)):
+                continue
+        elif value == defaults[name]:
+            continue
+        key[name] = value
+    return _plain(key)
 
 
 def _short_hash(obj) -> str:
@@ -104,7 +135,9 @@ def check_identity(meta: Mapping, vae_identity: Mapping, text_identity: Mapping,
     for what, key in (("VAE", "vae"), ("text encoder", "text_encoder")):
         have, want = meta[key], run[key]
         if have != want:
-            problems.append(f"{what}: cache has {json.dumps(have, sort_keys=True)}, run uses {json.dumps(want, sort_keys=True)}")
+            fields = sorted(f for f in set(have) | set(want) if have.get(f) != want.get(f))
+            problems.append(f"{what} differs in {', '.join(fields)}: cache has {json.dumps(have, sort_keys=True)}, "
+                            f"run uses {json.dumps(want, sort_keys=True)}")
     if problems:
         raise ValueError(
             f"{where}: latent cache was built with other encoders than this run ({'; '.join(problems)}); "
