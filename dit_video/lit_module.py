@@ -62,22 +62,87 @@ def ema_decay_at(step: int, decay: float) -> float:
     return min(decay, (1.0 + step) / (10.0 + step))
 
 
+@dataclass
+class FrozenEncoders:
+    """The frozen VAE and text encoder, held in a plain object (not an nn.Module) so they stay out
+    of the LightningModule's module tree."""
+
+    vae: nn.Module
+    text_encoder: nn.Module
+
+    def __iter__(self):
+        return iter((self.vae, self.text_encoder))
+
+
 class FrozenEncodersMixin:
-    """Frozen encoders are submodules (so they follow the device) but not training state:
-    they are excluded from the optimizer and from checkpoints, which record their identity."""
+    """Frozen encoders ride along with the LightningModule without being part of its module tree.
+
+    Outside the tree, `parameters()` and `state_dict()` never hold them, so no strategy can
+    optimise, shard or checkpoint them: DDP does not broadcast them, FSDP2 and DeepSpeed ZeRO-3
+    do not partition them (ZeRO-3 has no per-module exclusion, deepspeedai/DeepSpeed#7271, and would
+    otherwise all-gather them at every encode), and checkpoints record only their identity (meta).
+    They follow every `.to()`/`.cuda()`/`.double()` of the module (`_apply`), and each
+    fit/validate/test/predict moves them to the strategy's device as well, for strategies that
+    place the model without `.to()` (a ZeRO-3 model built under `deepspeed.zero.Init`).
+    """
 
     FROZEN = ("vae", "text_encoder")
+    frozen_encoders: FrozenEncoders  # set by the subclass's __init__
 
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
+    @property
+    def vae(self) -> nn.Module:
+        return self.frozen_encoders.vae
+
+    @vae.setter
+    def vae(self, value: nn.Module) -> None:
+        self.frozen_encoders.vae = value.requires_grad_(False).eval()
+
+    @property
+    def text_encoder(self) -> nn.Module:
+        return self.frozen_encoders.text_encoder
+
+    @text_encoder.setter
+    def text_encoder(self, value: nn.Module) -> None:
+        self.frozen_encoders.text_encoder = value.requires_grad_(False).eval()
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in FrozenEncodersMixin.FROZEN:  # the property, not nn.Module's submodule registration
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
+    def _apply(self, fn, recurse: bool = True):
+        # Every device/dtype conversion of nn.Module (.to, .cuda, .half, ...) ends here.
+        # recurse=False (Lightning's meta-tensor materialisation) concerns this module's own tensors only.
+        if recurse and "frozen_encoders" in self.__dict__:
+            for encoder in self.frozen_encoders:
+                encoder._apply(fn)
+        return super()._apply(fn, recurse)
+
+    def frozen_encoders_to_strategy_device(self) -> None:
+        for encoder in self.frozen_encoders:
+            encoder.to(self.trainer.strategy.root_device)
+
+    def on_fit_start(self) -> None:
+        self.frozen_encoders_to_strategy_device()
+
+    def on_validation_start(self) -> None:
+        self.frozen_encoders_to_strategy_device()
+
+    def on_test_start(self) -> None:
+        self.frozen_encoders_to_strategy_device()
+
+    def on_predict_start(self) -> None:
+        self.frozen_encoders_to_strategy_device()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # A state dict saved when the encoders were still submodules (a bare module.state_dict()):
+        # their weights come from vae.path / text_encoder, never from a checkpoint.
+        if "state_dict" not in checkpoint:  # a sharded (DCP) checkpoint: the strategy restored the model itself
+            return
         state = checkpoint["state_dict"]
         for key in [k for k in state if k.split(".", 1)[0] in self.FROZEN]:
             del state[key]
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        own = self.state_dict()
-        for key, value in own.items():
-            if key.split(".", 1)[0] in self.FROZEN:
-                checkpoint["state_dict"][key] = value
 
 
 class DiTModule(FrozenEncodersMixin, L.LightningModule):
@@ -92,8 +157,8 @@ class DiTModule(FrozenEncodersMixin, L.LightningModule):
         # LRU of caption embeddings (0 = off): valid because the text encoder is frozen and in eval.
         self.text_cache = TextEmbeddingCache(text_encoder_cache) if text_encoder_cache > 0 else None
         self.ema = copy.deepcopy(dit).requires_grad_(False).eval()
-        self.vae = vae.requires_grad_(False).eval()
-        self.text_encoder = text_encoder.requires_grad_(False).eval()
+        # Outside the module tree (FrozenEncodersMixin): not optimised, sharded or checkpointed.
+        self.frozen_encoders = FrozenEncoders(vae.requires_grad_(False).eval(), text_encoder.requires_grad_(False).eval())
         self.objective, self.optim_cfg, self.ema_decay = objective, optim, ema_decay
         self.meta = meta  # JSON-able: configs and encoder identities, written into every checkpoint
         self.skipped_total = 0
