@@ -38,6 +38,10 @@ class ParallelConfig:
     fsdp_reshard_after_forward: bool = True  # ZeRO-3 (True) or keep gathered weights until backward (ZeRO-2-like)
     sequence_parallel_size: int = 1  # ranks that split one sequence's tokens (needs a process group); 1 = off
     sp_attention: str = "ulysses"  # self-attention across the split: ulysses (heads % sp == 0) | ring (any heads)
+    # DeepSpeed ZeRO-3 gathers a module's own weights when that module is entered; the fused QKV
+    # kernel (model/fused.py) reads the QK-norm weights from the attention layer, so attention
+    # layers become ZeRO-3 "leaf" modules that gather all their weights on entry.
+    deepspeed_zero3: bool = False
 
 
 def parallelize(model: nn.Module, cfg: ParallelConfig, mesh=None) -> nn.Module:
@@ -100,6 +104,13 @@ def parallelize_dit_module(module: nn.Module, cfg: ParallelConfig, mesh=None):
         group = sequence_parallel_group(cfg.sequence_parallel_size)
         shard_sequence(module.dit, group, cfg.sp_attention)
     parallelize(module.dit, cfg, dp_mesh)
+    if cfg.deepspeed_zero3:
+        from deepspeed.utils import set_z3_leaf_modules
+
+        from dit_video.model.blocks import SelfAttention
+
+        for net in (module.dit, module.ema):
+            set_z3_leaf_modules(net, [SelfAttention], raise_if_not_found=False)  # MMDiT blocks have none
     if cfg.fsdp:
         from torch.distributed.fsdp import fully_shard
 
@@ -265,6 +276,7 @@ class StrategyConfig:
         if unknown:
             raise ValueError(f"strategy.parallel: unknown field(s) {unknown}; known: {sorted(ParallelConfig.__dataclass_fields__)}")
         fields["fsdp"] = self.kind == "fsdp"
+        fields["deepspeed_zero3"] = self.kind == "deepspeed" and self.zero_stage == 3
         fields["sequence_parallel_size"], fields["sp_attention"] = self.sequence_parallel_size, self.sp_attention
         return ParallelConfig(**fields)
 

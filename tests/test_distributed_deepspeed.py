@@ -1,6 +1,8 @@
 """DeepSpeed ZeRO-2/3 (and offload): the config `dit_video.parallel.deepspeed_config` generates
 from conf/strategy/deepspeed_*.yaml initialises with plain `deepspeed.initialize` on 2 CPU
-processes (torchrun, gloo) and trains the DiT with our AdamW and objective.
+processes (torchrun, gloo) and trains the DiT with our AdamW and objective. ZeRO-3 given the
+whole DiTModule (as Lightning's DeepSpeedStrategy gives it) partitions the DiT but not the frozen
+VAE and text encoder, which live outside the module tree (lit_module.FrozenEncodersMixin).
 
 What cannot run here: Lightning's DeepSpeedStrategy refuses CPU accelerators, so the Lightning
 wiring (`lightning_strategy(kind=deepspeed)`) is only checked to construct; and the CPU test runs
@@ -75,7 +77,8 @@ def worker(out: str, stage: int, offload: bool) -> None:
     torch.distributed.destroy_process_group()
 
 
-def run_deepspeed(tmp_path, stage: int, offload: bool) -> dict:
+def run_deepspeed(tmp_path, *args: str) -> dict:
+    """Runs this file's worker on 2 torchrun processes (gloo): args after the result path."""
     from test_distributed import free_port
 
     EXT_DIR.mkdir(parents=True, exist_ok=True)
@@ -83,7 +86,7 @@ def run_deepspeed(tmp_path, stage: int, offload: bool) -> dict:
     env = dict(os.environ, PYTHONPATH=f"{ROOT}:{ROOT / 'tests'}", OMP_NUM_THREADS="1", DS_BUILD_OPS="0",
                TORCH_EXTENSIONS_DIR=str(EXT_DIR), DS_ACCELERATOR="cpu")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
-           f"--master-port={free_port()}", str(Path(__file__).resolve()), str(out), str(stage), str(int(offload))]
+           f"--master-port={free_port()}", str(Path(__file__).resolve()), str(out), *args]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-5000:]
     return json.loads(out.read_text())
@@ -91,7 +94,7 @@ def run_deepspeed(tmp_path, stage: int, offload: bool) -> dict:
 
 @pytest.mark.parametrize("stage", [2, 3])
 def test_zero_config_initialises_and_trains_on_two_cpu_processes(tmp_path, stage):
-    result = run_deepspeed(tmp_path, stage, offload=False)
+    result = run_deepspeed(tmp_path, str(stage), "0")
     assert result["zero_stage"] == stage
     assert all(map(lambda x: x == x and x < 1e3, result["losses"])) and result["finite"]
     # An optimizer step happened: the zero-initialised output layer (the only one with a gradient
@@ -102,8 +105,24 @@ def test_zero_config_initialises_and_trains_on_two_cpu_processes(tmp_path, stage
 
 @pytest.mark.slow
 def test_zero3_offload_config_trains_on_two_cpu_processes(tmp_path):
-    result = run_deepspeed(tmp_path, 3, offload=True)
+    result = run_deepspeed(tmp_path, "3", "1")
     assert result["zero_stage"] == 3 and result["partitioned"] and result["finite"]
+
+
+def test_zero3_leaves_the_frozen_encoders_whole(tmp_path):
+    """ZeRO-3 partitions every parameter of the module it is given (no per-module exclusion,
+    deepspeedai/DeepSpeed#7271): the frozen VAE and text encoder stay out of DiTModule's module
+    tree, so handing it the whole DiTModule (as Lightning's DeepSpeedStrategy does; here through
+    plain `deepspeed.initialize`, since that strategy refuses CPU) shards the DiT only."""
+    from test_encoder_loading import _saved_vae
+
+    result = run_deepspeed(tmp_path, "frozen_encoders", str(_saved_vae(tmp_path)))
+    assert result["zero_stage"] == 3 and result["dit_partitioned"]  # ZeRO-3 really ran on the module
+    assert result["n_encoder_params"] > 100 and result["encoders_touched"] == 0 and result["numel_unchanged"]
+    assert result["encoders_in_optimizer"] == 0
+    assert all(x == x and x < 1e3 for x in result["losses"]) and result["final_moved"]  # trained two steps
+    assert result["latents_same"] and result["text_same"]  # the encoders encode exactly as before
+    assert result["direct_call_ok"]  # DiT and EMA called outside the engine (sampling callbacks) still work
 
 
 def test_lightning_deepspeed_strategy_is_built_from_the_config():
@@ -116,5 +135,91 @@ def test_lightning_deepspeed_strategy_is_built_from_the_config():
     assert strategy.config["bf16"]["enabled"] and strategy.config["train_micro_batch_size_per_gpu"] == 4
 
 
+def frozen_encoders_worker(out: str, vae_dir: str) -> None:
+    """The whole DiTModule (tiny DiT, the real tiny VAE and MiniLM) under ZeRO-3 with every
+    parameter of its module tree partitioned: the frozen encoders must stay whole and untouched."""
+    import deepspeed
+    import torch
+    from omegaconf import OmegaConf
+
+    from dit_video.diffusion import build_objective
+    from dit_video.encoders import HFTextEncoder, load_vae, minilm_path
+    from dit_video.lit_module import DiTModule, OptimConfig, build_optimizer
+    from dit_video.model import DiT, DiTConfig
+    from dit_video.parallel import StrategyConfig, deepspeed_config, parallelize_dit_module
+
+    torch.set_num_threads(1)
+    deepspeed.init_distributed(dist_backend="gloo")
+    rank = torch.distributed.get_rank()
+    strategy = StrategyConfig(**OmegaConf.to_container(OmegaConf.load(ROOT / "conf/strategy/deepspeed_zero3.yaml")))
+    ds_config = deepspeed_config(strategy, micro_batch_size=1, bf16=False)
+    # 0 (not 1e6): partition every parameter ZeRO-3 sees, so an encoder weight of any size would show up.
+    ds_config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+
+    torch.manual_seed(0)
+    vae, text_encoder = load_vae(vae_dir), HFTextEncoder(minilm_path(), max_length=16)
+    objective = build_objective(OmegaConf.to_container(OmegaConf.load(ROOT / "conf/objective/rectified_flow.yaml")))
+    dit = DiT(DiTConfig(in_channels=vae.latent_channels, text_dim=text_encoder.dim, hidden_size=32, depth=1,
+                        num_heads=2))
+    module = DiTModule(dit, objective, vae, text_encoder, OptimConfig(lr=1e-3, warmup_steps=1), 0.9, {})
+    encoder_params = [p for enc in (vae, text_encoder) for p in enc.parameters()]
+    numels = [p.numel() for p in encoder_params]
+    clip = torch.randint(0, 256, (1, 5, 32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(rank))
+    batch = {"clip": clip, "caption": [f"a red square {rank}"]}  # [B, T, H, W, 3] per rank
+    latents_before, text_before = module.encode_clips(clip), module.encode_text(batch["caption"])[0]
+
+    class TrainingStep(torch.nn.Module):
+        """As Lightning's DeepSpeedStrategy hands the LightningModule to DeepSpeed: wrapped, with a
+        forward that runs the training step through the engine (where ZeRO-3 gathers weights)."""
+
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def forward(self, batch):
+            latents, text_emb, text_mask, pooled = self.module.model_inputs(batch)  # the frozen encoders run here
+            return self.module.objective.loss(self.module.dit, latents, text_emb, text_mask, pooled=pooled)[0]
+
+    parallelize_dit_module(module, strategy.parallel_config())  # what DiTModule.configure_model does
+    optimizer = build_optimizer(module.dit, module.optim_cfg)["optimizer"]
+    engine, _, _, _ = deepspeed.initialize(model=TrainingStep(module), optimizer=optimizer, config=ds_config)
+    losses = []
+    for _ in range(2):
+        loss = engine(batch)
+        engine.backward(loss)
+        engine.step()
+        losses.append(float(loss))
+
+    dit_partitioned = all(getattr(p, "ds_numel", 0) > 0 and p.numel() == 0 for p in module.dit.parameters())
+    # Outside the engine's forward, as the in-training sample/val-loss callbacks call the EMA and DiT:
+    # ZeRO-3 gathers a module's weights when it is entered; fused kernels read the QK-norm weights
+    # from the attention layer, which parallelize_dit_module makes a ZeRO-3 leaf for that reason.
+    with torch.no_grad():
+        t = torch.full((1,), 0.5)
+        direct = [net(latents_before, t, *module.encode_text(batch["caption"])) for net in (module.dit, module.ema)]
+    direct_ok = all(bool(torch.isfinite(out).all()) and out.shape == latents_before.shape for out in direct)
+    touched = [hasattr(p, "ds_id") or hasattr(p, "ds_status") for p in encoder_params]
+    in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    with deepspeed.zero.GatheredParameters(list(module.dit.final_layer.parameters())):
+        final_moved = bool(module.dit.final_layer.linear.weight.abs().sum() > 0)  # zero-initialised (adaLN-Zero)
+    # On every rank: were the encoders partitioned, encoding would be a collective.
+    latents_same = torch.equal(module.encode_clips(clip), latents_before)
+    text_same = torch.equal(module.encode_text(batch["caption"])[0], text_before)
+    if rank == 0:
+        Path(out).write_text(json.dumps({
+            "losses": losses, "dit_partitioned": dit_partitioned, "final_moved": final_moved,
+            "n_encoder_params": len(encoder_params), "encoders_touched": sum(touched),
+            "numel_unchanged": numels == [p.numel() for p in encoder_params],
+            "encoders_in_optimizer": sum(id(p) in in_optimizer for p in encoder_params),
+            "latents_same": latents_same, "text_same": text_same, "direct_call_ok": direct_ok,
+            "zero_stage": engine.zero_optimization_stage(),
+        }))
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
 if __name__ == "__main__":
-    worker(sys.argv[1], int(sys.argv[2]), bool(int(sys.argv[3])))
+    if sys.argv[2] == "frozen_encoders":
+        frozen_encoders_worker(sys.argv[1], sys.argv[3])
+    else:
+        worker(sys.argv[1], int(sys.argv[2]), bool(int(sys.argv[3])))
