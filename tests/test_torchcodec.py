@@ -26,11 +26,13 @@ from dit_video.data.loader import VideoDataConfig
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_unusable_torchcodec_is_a_one_line_config_error(monkeypatch):
+def test_unusable_torchcodec_is_a_one_line_config_error(monkeypatch, tmp_path):
     problem = torchcodec_problem()
     if problem is not None:  # the situation here: installed, FFmpeg libraries not found
+        shard = tmp_path / "train-000000.tar"
+        shard.touch()  # the shard checks come first; this one only has to exist
         with pytest.raises(ValueError) as err:
-            VideoDataConfig(decoder="torchcodec").validate()
+            VideoDataConfig(decoder="torchcodec", shards=str(shard), val_shards=None).validate()
         message = str(err.value)
         assert message.startswith("data.decoder=torchcodec: torchcodec ") and "\n" not in message
         assert "FFmpeg" in message and ("pip install" in message or "apt install ffmpeg" in message)
