@@ -76,7 +76,7 @@ def test_qkv_heads_gradcheck(with_rope):
 # ---- equality with the unfused composition, values and gradients ----
 
 
-def _compare(fused_fn, ref_fn, args, atol, rtol):
+def assert_matches_unfused(fused_fn, ref_fn, args, atol, rtol):
     """Run both on copies of args; backward a random cotangent; compare outputs and input gradients."""
     outs = []
     for fn in (fused_fn, ref_fn):
@@ -96,7 +96,7 @@ def test_layer_norm_modulate_equals_unfused(dtype):
     x = _rand(2, 16, 32, dtype=torch.float32)  # the residual stream stays float32 under autocast
     shift, scale = _rand(2, 1, 32, seed=1, dtype=torch.float32), _rand(2, 1, 32, seed=2, dtype=torch.float32)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-        _compare(lambda *a: layer_norm_modulate(*a, EPS), ref_layer_norm_modulate, (x, shift, scale), 1e-5, 1e-5)
+        assert_matches_unfused(lambda *a: layer_norm_modulate(*a, EPS), ref_layer_norm_modulate, (x, shift, scale), 1e-5, 1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -108,7 +108,7 @@ def test_qkv_heads_equals_unfused(dtype):
     rope = rope_table(grid, (4, 6, 6), 10000.0)
     # bf16: the fused path rounds once, the reference after every op; a few bf16 ulps apart.
     tol = 1e-5 if dtype == torch.float32 else 3e-2
-    _compare(
+    assert_matches_unfused(
         lambda a, qw, kw: qkv_heads(a, qw, kw, rope, EPS, H),
         lambda a, qw, kw: ref_qkv_heads(a, qw, kw, rope, EPS, H),
         (qkv, q_weight, k_weight), tol, tol,
@@ -117,7 +117,7 @@ def test_qkv_heads_equals_unfused(dtype):
 
 def test_rms_norm_equals_unfused():
     x, weight = _rand(2, 3, 10, 16, dtype=torch.float32), _rand(16, seed=1, dtype=torch.float32)
-    _compare(lambda a, w: rms_norm(a, w, EPS), ref_rms_norm, (x, weight), 1e-5, 1e-5)
+    assert_matches_unfused(lambda a, w: rms_norm(a, w, EPS), ref_rms_norm, (x, weight), 1e-5, 1e-5)
 
 
 def test_qkv_heads_returns_token_major_views_so_merging_heads_is_free():
