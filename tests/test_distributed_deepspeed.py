@@ -73,6 +73,9 @@ def worker(out: str, stage: int, offload: bool) -> None:
         Path(out).write_text(json.dumps({"losses": losses, "partitioned": partitioned, "moved": moved,
                                          "finite": finite,
                                          "zero_stage": engine.zero_optimization_stage()}))
+    # Release the engine's hooks and ZeRO-3 (offload) state before the process group goes: left to
+    # interpreter exit, a rank aborted now and then ("terminate called without an active exception").
+    engine.destroy()
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 
@@ -214,6 +217,9 @@ def frozen_encoders_worker(out: str, vae_dir: str) -> None:
             "latents_same": latents_same, "text_same": text_same, "direct_call_ok": direct_ok,
             "zero_stage": engine.zero_optimization_stage(),
         }))
+    # Release the engine's hooks and ZeRO-3 (offload) state before the process group goes: left to
+    # interpreter exit, a rank aborted now and then ("terminate called without an active exception").
+    engine.destroy()
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 
