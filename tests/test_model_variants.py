@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from test_model import randomize_zero_init, tiny_config  # the same tiny sizes as the base model's tests
 
 from dit_video.model import DiT, DiTConfig
 from dit_video.model.mmdit import DualStreamBlock, SingleStreamBlock
@@ -23,22 +24,6 @@ VARIANTS = {
     "sincos": dict(pos_embed="sincos"),
     "learned": dict(pos_embed="learned", max_grid=(6, 4, 6)),
 }
-
-
-def tiny_config(**overrides) -> DiTConfig:
-    """A 2-block model, head_dim 16 (as tests/test_model.py), so every test runs in about a second."""
-    fields = dict(in_channels=4, text_dim=24, hidden_size=64, depth=2, num_heads=4, patch_size=(1, 2, 2))
-    return DiTConfig(**{**fields, **overrides})
-
-
-def randomize_zero_init(model: DiT, seed: int = 0) -> DiT:
-    """Give the zero-initialised (adaLN-Zero) parameters random values so the output depends on everything."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if not p.any():
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
-    return model
 
 
 def inputs(cfg: DiTConfig, shape=(2, 5, 6, 10), text_len=7, seed=0) -> dict:
