@@ -60,26 +60,35 @@ def _write(tar, name, data):
     tar.addfile(info, io.BytesIO(data))
 
 
-@pytest.fixture(scope="module")
-def mixed_shard(tmp_path_factory):
-    """Square and wide 17-frame videos, short 9-frame tall videos, and png images."""
-    root = tmp_path_factory.mktemp("mixed")
-    rng = np.random.default_rng(0)
-    with tarfile.open(root / "mixed-000000.tar", "w") as tar:
-        for i in range(24):
-            kind = ("square", "wide", "tall", "image")[i % 4]
-            key = f"{kind}_{i:03d}"
-            h, w, t = {"square": (32, 32, 17), "wide": (32, 64, 17), "tall": (64, 32, 9), "image": (48, 48, 1)}[kind]
+KINDS = ("square", "wide", "tall", "image")
+
+
+def write_mixed_shard(path, sizes: dict, count: int, rng, key=lambda kind, i: f"{kind}_{i:03d}",
+                      caption=lambda key: "a red circle moving left") -> None:
+    """A tar of `count` samples cycling through KINDS; sizes[kind] = (H, W, frames); images as png."""
+    with tarfile.open(path, "w") as tar:
+        for i in range(count):
+            kind = KINDS[i % 4]
+            name = key(kind, i)
+            h, w, t = sizes[kind]
             clip = render_clip("red", "circle", "left", max(t, 2), (h, w), rng)[:t]  # [T, H, W, 3]
             if kind == "image":
                 png = io.BytesIO()
                 Image.fromarray(clip[0]).save(png, format="PNG")
-                _write(tar, f"{key}.png", png.getvalue())
+                _write(tar, f"{name}.png", png.getvalue())
             else:
-                _write(tar, f"{key}.mp4", encode_mp4(clip, 8.0))
-            _write(tar, f"{key}.txt", b"a red circle moving left")
-            _write(tar, f"{key}.json", json.dumps({"fps": 8.0, "frames": t, "width": w, "height": h}).encode())
-    return root / "mixed-000000.tar"
+                _write(tar, f"{name}.mp4", encode_mp4(clip, 8.0))
+            _write(tar, f"{name}.txt", caption(name).encode())
+            _write(tar, f"{name}.json", json.dumps({"fps": 8.0, "frames": t, "width": w, "height": h}).encode())
+
+
+@pytest.fixture(scope="module")
+def mixed_shard(tmp_path_factory):
+    """Square and wide 17-frame videos, short 9-frame tall videos, and png images."""
+    path = tmp_path_factory.mktemp("mixed") / "mixed-000000.tar"
+    sizes = {"square": (32, 32, 17), "wide": (32, 64, 17), "tall": (64, 32, 9), "image": (48, 48, 1)}
+    write_mixed_shard(path, sizes, 24, np.random.default_rng(0))
+    return path
 
 
 def test_loader_batches_hold_one_bucket_each(mixed_shard):

@@ -3,21 +3,16 @@
 
 from __future__ import annotations
 
-import io
 import itertools
-import json
-import tarfile
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from test_buckets import write_mixed_shard
 
 from dit_video.data.buckets import make_buckets
 from dit_video.data.loader import VideoDataConfig, VideoDataModule
 from dit_video.data.packing import bucket_tokens, pack_epoch
-from dit_video.data.shards import encode_mp4
-from dit_video.data.synthetic import render_clip
 
 BUCKETS = [{"num_frames": 9, "size": [16, 16]}, {"num_frames": 9, "size": [16, 32]},
            {"num_frames": 5, "size": [32, 16]}, {"num_frames": 1, "size": [16, 16]}]
@@ -64,32 +59,15 @@ def test_packing_config_errors_name_the_field():
         cfg.packing.validate()
 
 
-def _write(tar, name, data):
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    tar.addfile(info, io.BytesIO(data))
-
-
 @pytest.fixture(scope="module")
 def mixed_shards(tmp_path_factory):
     """Square, wide and tall videos and png images in two shards (all four buckets used)."""
     root = tmp_path_factory.mktemp("packed")
     rng = np.random.default_rng(0)
+    sizes = {"square": (16, 16, 9), "wide": (16, 32, 9), "tall": (32, 16, 5), "image": (24, 24, 1)}
     for shard in range(2):
-        with tarfile.open(root / f"mixed-{shard:06d}.tar", "w") as tar:
-            for i in range(12):
-                kind = ("square", "wide", "tall", "image")[i % 4]
-                key = f"{kind}_{shard}{i:02d}"
-                h, w, t = {"square": (16, 16, 9), "wide": (16, 32, 9), "tall": (32, 16, 5), "image": (24, 24, 1)}[kind]
-                clip = render_clip("red", "circle", "left", max(t, 2), (h, w), rng)[:t]  # [T, H, W, 3]
-                if kind == "image":
-                    png = io.BytesIO()
-                    Image.fromarray(clip[0]).save(png, format="PNG")
-                    _write(tar, f"{key}.png", png.getvalue())
-                else:
-                    _write(tar, f"{key}.mp4", encode_mp4(clip, 8.0))
-                _write(tar, f"{key}.txt", f"a red circle {key}".encode())
-                _write(tar, f"{key}.json", json.dumps({"fps": 8.0, "frames": t, "width": w, "height": h}).encode())
+        write_mixed_shard(root / f"mixed-{shard:06d}.tar", sizes, 12, rng, key=lambda kind, i, s=shard: f"{kind}_{s}{i:02d}",
+                          caption=lambda key: f"a red circle {key}")
     return root
 
 
