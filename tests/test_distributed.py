@@ -71,6 +71,14 @@ def make_module(cfg):
                          float(cfg.ema_decay), meta, parallel)
 
 
+def worker_overrides(out: str) -> list[str]:
+    """The tiny fp32 gloo run both 2-process training tests compose (plus their own overrides)."""
+    return ["model.depth=2", "model.hidden_size=32", "model.num_heads=2", "optim.warmup_steps=2", "optim.lr=3e-3",
+            "trainer.precision=32-true", "trainer.enable_model_summary=false", "+trainer.enable_progress_bar=false",
+            "trainer.log_every_n_steps=1", "checkpoint_reserve_gb=0", "strategy.process_group_backend=gloo",
+            "objective.caption_dropout=0.0", "eval=off", f"run_dir={out}"]
+
+
 def worker(out: str, overrides: list[str]) -> None:
     import lightning as L
     from hydra import compose, initialize_config_dir
@@ -81,11 +89,7 @@ def worker(out: str, overrides: list[str]) -> None:
     from dit_video.run import build_trainer
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=[
-            "model.depth=2", "model.hidden_size=32", "model.num_heads=2", "optim.warmup_steps=2", "optim.lr=3e-3",
-            "trainer.precision=32-true", "trainer.enable_model_summary=false", "+trainer.enable_progress_bar=false",
-            "trainer.log_every_n_steps=1", "checkpoint_reserve_gb=0", "strategy.process_group_backend=gloo",
-            "objective.caption_dropout=0.0", "eval=off", f"run_dir={out}", *overrides])
+        cfg = compose("train", overrides=[*worker_overrides(out), *overrides])
     torch.set_num_threads(1)
     L.seed_everything(0)
     module = make_module(cfg)

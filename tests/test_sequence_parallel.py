@@ -144,7 +144,7 @@ GLOBAL_BATCH = 4
 def worker(out: str, overrides: list[str]) -> None:
     import lightning as L
     from hydra import compose, initialize_config_dir
-    from test_distributed import make_module
+    from test_distributed import make_module, worker_overrides
     from test_resume import LossRecorder
     from torch.utils.data import DataLoader
 
@@ -153,10 +153,7 @@ def worker(out: str, overrides: list[str]) -> None:
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=[
-            "model.depth=2", "model.hidden_size=32", "model.num_heads=2", "optim.warmup_steps=2", "optim.lr=3e-3",
-            "trainer.precision=32-true", "trainer.enable_model_summary=false", "+trainer.enable_progress_bar=false",
-            "trainer.log_every_n_steps=1", "checkpoint_reserve_gb=0", "strategy.process_group_backend=gloo",
-            "objective.caption_dropout=0.0", "eval=off", f"run_dir={out}", f"checkpoint_every={STEPS}",
+            *worker_overrides(out), f"checkpoint_every={STEPS}",
             f"trainer.max_steps={STEPS}", *overrides])
     torch.set_num_threads(1)
     L.seed_everything(0)
