@@ -178,6 +178,20 @@ class DiTModule(FrozenEncodersMixin, L.LightningModule):
         return self.vae.encode(clip_to_video(clip)).float()
 
     @torch.no_grad()
+    def encode_clip_list(self, clips: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Clips uint8 [T, H, W, 3] of mixed shapes -> latents [C, T', H', W'] in the same order;
+        one VAE call per distinct shape (a packed batch holds a few buckets), not per clip."""
+        latents: list[torch.Tensor | None] = [None] * len(clips)
+        by_shape: dict[tuple, list[int]] = {}
+        for i, clip in enumerate(clips):
+            by_shape.setdefault(tuple(clip.shape), []).append(i)
+        for idx in by_shape.values():
+            encoded = self.encode_clips(torch.stack([clips[i] for i in idx]))  # [n, C, T', H', W']
+            for i, z in zip(idx, encoded, strict=True):
+                latents[i] = z
+        return latents
+
+    @torch.no_grad()
     def encode_text(self, captions: list[str]):
         if self.text_cache is not None:
             text_emb, text_mask = self.text_cache.encode(self.text_encoder, captions)  # [B, L, D], [B, L]
@@ -230,7 +244,7 @@ class DiTModule(FrozenEncodersMixin, L.LightningModule):
                 )
             return (batch["latents"].float(), *self.drop_cached_text(batch), None)  # 1-3. precomputed
         if isinstance(batch["clip"], list):  # data.packing: clips of different shapes -> B x [C, T', H', W']
-            latents = [self.encode_clips(clip[None])[0] for clip in batch["clip"]]
+            latents = self.encode_clip_list(batch["clip"])
         else:
             latents = self.encode_clips(batch["clip"])  # 1. pixels -> latents   [B, C, T', H', W']
         captions = self.drop_captions(batch["caption"])  # 2. caption dropout for CFG

@@ -154,3 +154,25 @@ def test_packed_training_runs_end_to_end(tmp_path_factory, tmp_path, monkeypatch
     rows = list(csv.DictReader(open(next(tmp_path.rglob("metrics.csv")))))
     losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
     assert len(losses) == 3 and all(np.isfinite(losses))
+
+
+def test_packed_clips_are_encoded_one_vae_call_per_shape():
+    """DiTModule.encode_clip_list: latents in input order, each equal to encoding that clip alone."""
+    import types
+
+    from dit_video.lit_module import DiTModule
+
+    calls = []
+
+    def encode_clips(clip):  # a stand-in VAE: per-sample, shape-dependent
+        calls.append(tuple(clip.shape))
+        return clip.float().mean(-1)[:, None]  # [n, 1, T, H, W]
+
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(9, 16, 16), (5, 32, 16), (9, 16, 16), (1, 24, 24), (5, 32, 16)]
+    clips = [torch.randint(0, 256, (*s, 3), dtype=torch.uint8, generator=gen) for s in shapes]
+    fake = types.SimpleNamespace(encode_clips=encode_clips)
+    latents = DiTModule.encode_clip_list(fake, clips)
+    assert len(calls) == 3 and sorted(n for n, *_ in calls) == [1, 2, 2]  # one call per distinct shape
+    for clip, z in zip(clips, latents, strict=True):
+        torch.testing.assert_close(z, encode_clips(clip[None])[0])
