@@ -367,9 +367,10 @@ class Throughput(L.Callback):
         batches and packed batches cost what they cost, not the nominal clip's FLOPs."""
         if "latents" in batch:  # data=latents: [B, C, T', H', W']
             shapes = [tuple(batch["latents"].shape[2:])] * batch["latents"].shape[0]
-        else:  # uint8 clips [B, T, H, W, 3], or a packed list of [T, H, W, 3]
-            clips = batch["clip"] if isinstance(batch["clip"], list) else list(batch["clip"])
-            shapes = [tuple(pl_module.vae.latent_shape(*clip.shape[:3])) for clip in clips]
+        elif isinstance(batch["clip"], list):  # packed: clips [T, H, W, 3] of mixed shapes
+            shapes = [tuple(pl_module.vae.latent_shape(*clip.shape[:3])) for clip in batch["clip"]]
+        else:  # uint8 clips [B, T, H, W, 3], one shape
+            shapes = [tuple(pl_module.vae.latent_shape(*batch["clip"].shape[1:4]))] * batch["clip"].shape[0]
         costs = [self.cost(shape) for shape in shapes]
         return len(shapes), sum(c[0] for c in costs), sum(c[1] for c in costs)
 
