@@ -16,7 +16,7 @@ from torch import nn
 from .attention import PackedMask
 from .blocks import DiTBlock, FinalLayer, Mlp, RMSNorm, TimestepEmbedder
 from .config import DiTConfig
-from .mmdit import AdaLN, DualStreamBlock, SingleStreamBlock
+from .mmdit import AdaLN, DualStreamBlock, JointPacking, SingleStreamBlock
 from .packing import patchify_packed, unpatchify_packed
 from .patch import PatchEmbed, unpatchify
 from .pos_embed import LearnedPosEmbed, sincos_3d
@@ -194,14 +194,17 @@ class DiT(nn.Module):
     ) -> list[torch.Tensor]:
         """Clips of different (T, H, W) in one packed token sequence (NaViT; model/packing.py).
 
-        x: B noisy latents [C, T_i, H_i, W_i], t [B], text_emb [B, L, Dt], text_mask bool [B, L],
-        pooled [B, P] as in forward() -> B predictions [C_out, T_i, H_i, W_i], each equal to
-        forward() on that clip alone. Cross-attention conditioning only (MMDiT's joint
-        attention would need a mask over [text, video] segments, not written yet).
+        x: B noisy latents [C, T_i, H_i, W_i], t [B] (one per clip), text_emb [B, L, Dt], text_mask
+        bool [B, L], pooled [B, P] as in forward() -> B predictions [C_out, T_i, H_i, W_i], each equal
+        to forward() on that clip alone. Captions are packed without their padding; cross-attention
+        lets clip i see caption i only, MMDiT's joint attention runs over one [text_i, video_i]
+        segment per clip (mmdit.JointPacking).
         """
         cfg = self.cfg
-        if cfg.conditioning == "mmdit":
-            raise NotImplementedError("DiT.forward_packed: model.conditioning=mmdit has no packed mode; use cross_attn")
+        if t.dim() != 1:
+            raise ValueError(
+                f"DiT.forward_packed: t must be [B], one per clip (got {tuple(t.shape)}); per-frame t has no packed mode"
+            )
 
         # 1. patchify every clip, concatenate; positions restart at 0 for every clip
         patches, packing = patchify_packed(x, cfg.patch_size)  # [1, ΣN, C*pt*ph*pw]
@@ -218,7 +221,6 @@ class DiT(nn.Module):
             tokens = tokens + pos.to(tokens.dtype)  # [1, ΣN, D]
         else:
             tokens = tokens + torch.cat([self.pos_embed(g) for g in packing.grids])  # [1, ΣN, D]
-        self_mask = PackedMask(lengths, lengths)  # block-diagonal: a clip attends to itself only
 
         # 2. conditioning per clip, gathered to its tokens; captions packed without their padding
         c = self.t_embedder(t)  # [B, D]
@@ -226,16 +228,27 @@ class DiT(nn.Module):
             raise ValueError("DiT.forward_packed: pass pooled exactly when model.pooled_text_dim > 0")
         if pooled is not None:
             c = c + self.pooled_proj(pooled.to(c.dtype))  # [B, D]
-        cond = self.block_cond(c)[seq_id][None]  # [1, ΣN, 6, D] (adaLN-single) or [1, ΣN, D] (adaLN-Zero)
+        cond = self.block_cond(c)  # [B, 6, D] (adaLN-single) or [B, D] (adaLN-Zero)
         text = self.text_proj(text_emb)  # [B, L, D]
         if text_mask is None:
             text_mask = torch.ones(text.shape[:2], dtype=torch.bool, device=text.device)  # [B, L]
-        cross_mask = PackedMask(lengths, text_mask.sum(1))  # clip i sees caption i's real tokens
+        text_lens = text_mask.sum(1)  # [B] real caption tokens per clip
         text = text[text_mask][None]  # [1, ΣL_real, D]
 
         # 3. blocks
-        for block in self.blocks:
-            tokens = block(tokens, cond, text, cross_mask, rope, self_mask=self_mask)  # [1, ΣN, D]
+        if cfg.conditioning == "mmdit":
+            # The blocks see [all text, all video]; each text token takes its clip's modulation too.
+            text_id = torch.arange(len(x), device=text.device).repeat_interleave(text_lens)  # [ΣL_real]
+            cond = torch.cat([cond[text_id], cond[seq_id]])[None]  # [1, ΣL_real+ΣN, 6, D] or [1, ΣL_real+ΣN, D]
+            joint = JointPacking(text_lens, lengths)  # clip i attends over [text_i, video_i] only
+            for block in self.blocks:
+                tokens, text = block(tokens, cond, text, joint, rope)  # [1, ΣN, D], [1, ΣL_real, D]
+        else:
+            cond = cond[seq_id][None]  # [1, ΣN, 6, D] (adaLN-single) or [1, ΣN, D] (adaLN-Zero)
+            self_mask = PackedMask(lengths, lengths)  # block-diagonal: a clip attends to itself only
+            cross_mask = PackedMask(lengths, text_lens)  # clip i sees caption i's real tokens
+            for block in self.blocks:
+                tokens = block(tokens, cond, text, cross_mask, rope, self_mask=self_mask)  # [1, ΣN, D]
 
         # 4. final layer (per-token c) + unpatchify each clip
         out = self.final_layer(tokens, c[seq_id][None])  # [1, ΣN, C_out*pt*ph*pw]
