@@ -4,16 +4,25 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_model_variants import VARIANTS  # the model-variant configs the solo-forward tests use
 
 from dit_video.model import attention as attn_mod
 from dit_video.model.attention import PackedMask, attention
 from dit_video.model.config import DiTConfig
 from dit_video.model.dit import DiT
+from dit_video.model.mmdit import JointPacking
 from dit_video.model.packing import patchify_packed, unpatchify_packed
 from dit_video.model.rope import packed_rope_table, rope_table
 
 SHAPES = [(2, 4, 6), (3, 6, 4), (1, 2, 2)]  # latent (T, H, W) of the three clips
 CAPTION_LENGTHS = [5, 2, 3]  # real text tokens per clip (padded to the longest)
+MMDIT = {  # joint attention: dual- and single-stream blocks, both modulations, with and without pooled text
+    "mmdit": VARIANTS["mmdit"],
+    "mmdit+adaln_zero": VARIANTS["mmdit+adaln_zero"],
+    "mmdit+single_only": VARIANTS["mmdit+single_only"],
+    "mmdit+pooled+sincos": VARIANTS["mmdit+pooled+sincos"],
+    "mmdit+adaln_zero+pooled": {**VARIANTS["mmdit+adaln_zero"], "pooled_text_dim": 10},
+}
 
 
 def tiny_dit(backend: str, **variant) -> DiT:
@@ -37,6 +46,33 @@ def batch(seed: int = 1):
     text_emb = torch.randn(len(SHAPES), L, 8, generator=gen)  # [B, L, Dt]
     text_mask = torch.arange(L)[None] < torch.tensor(CAPTION_LENGTHS)[:, None]  # [B, L]
     return latents, t, text_emb, text_mask
+
+
+def assert_packed_matches_solo(model: DiT, latents, t, text_emb, text_mask, pooled=None) -> None:
+    """forward_packed on all clips gives each clip's solo forward() output and, for a sum-of-squares
+    loss, the same parameter gradients (fp32, 1e-5)."""
+    packed = model.forward_packed(latents, t, text_emb, text_mask, pooled)
+    loss_packed = sum((out**2).sum() for out in packed)
+    grads_packed = torch.autograd.grad(loss_packed, list(model.parameters()))
+
+    solo = [
+        model(x[None], t[i : i + 1], text_emb[i : i + 1], text_mask[i : i + 1],
+              None if pooled is None else pooled[i : i + 1])[0]  # [C, T, H, W]
+        for i, x in enumerate(latents)
+    ]
+    loss_solo = sum((out**2).sum() for out in solo)
+    grads_solo = torch.autograd.grad(loss_solo, list(model.parameters()))
+
+    for p, s, x in zip(packed, solo, latents, strict=True):
+        assert p.shape == x.shape
+        torch.testing.assert_close(p, s, atol=1e-5, rtol=1e-5)
+    assert solo[0].abs().mean() > 1e-2  # the comparison is not between zeros
+    for (name, _), gp, gs in zip(model.named_parameters(), grads_packed, grads_solo, strict=True):
+        # fp32 tolerance relative to the gradient's scale (entries reach ~1e2 with these weights;
+        # the two paths sum the same terms in another order).
+        scale = gs.abs().max()
+        assert scale > 0, name
+        assert (gp - gs).abs().max() <= 1e-5 * scale, f"{name}: {(gp - gs).abs().max() / scale:.2e} of max |grad|"
 
 
 def test_patchify_packed_round_trip_and_order():
@@ -68,36 +104,45 @@ def test_packed_mask_is_block_diagonal():
 def test_packed_forward_and_grads_match_per_sample(backend):
     """The acceptance test: three clips of different (T, H, W) and caption lengths, packed, give the
     outputs and parameter gradients of three solo forward() calls (fp32, 1e-5)."""
-    model = tiny_dit(backend)
+    assert_packed_matches_solo(tiny_dit(backend), *batch())
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "math"])
+@pytest.mark.parametrize("name", list(MMDIT))
+def test_mmdit_packed_forward_and_grads_match_per_sample(name, backend):
+    """MMDiT's joint attention, packed: each clip attends over its own [real caption tokens, video
+    tokens] only and its text stream takes its own t (and pooled vector), so outputs and gradients
+    are the three solo forward() calls' (captions of different real lengths, clips of different
+    (T, H, W), every parameter random)."""
+    model = tiny_dit(backend, **MMDIT[name])
+    latents, t, text_emb, text_mask = batch(seed=4)
+    P = model.cfg.pooled_text_dim
+    pooled = torch.randn(len(latents), P, generator=torch.Generator().manual_seed(5)) if P else None
+    assert_packed_matches_solo(model, latents, t, text_emb, text_mask, pooled)
+
+
+def test_joint_packing_orders_text_and_video_of_each_clip_together():
+    """[all text, all video] -> [text_0, video_0, text_1, video_1, ...] and back; a clip without
+    caption tokens is a video-only segment."""
+    joint = JointPacking(torch.tensor([2, 0, 1]), torch.tensor([1, 2, 1]))
+    # joint positions: text 0 1 (clip 0), 2 (clip 2); video 3 (clip 0), 4 5 (clip 1), 6 (clip 2)
+    assert joint.order.tolist() == [0, 1, 3, 4, 5, 2, 6]
+    assert torch.equal(joint.order[joint.inverse], torch.arange(7))
+    assert joint.mask.cu_seqlens_q.tolist() == joint.mask.cu_seqlens_k.tolist() == [0, 3, 5, 7]
+
+
+def test_packed_forward_rejects_per_frame_t():
+    model = tiny_dit("sdpa", **VARIANTS["mmdit"])
     latents, t, text_emb, text_mask = batch()
-
-    packed = model.forward_packed(latents, t, text_emb, text_mask)
-    loss_packed = sum((out**2).sum() for out in packed)
-    grads_packed = torch.autograd.grad(loss_packed, list(model.parameters()))
-
-    solo = [
-        model(x[None], t[i : i + 1], text_emb[i : i + 1], text_mask[i : i + 1])[0]  # [C, T, H, W]
-        for i, x in enumerate(latents)
-    ]
-    loss_solo = sum((out**2).sum() for out in solo)
-    grads_solo = torch.autograd.grad(loss_solo, list(model.parameters()))
-
-    for p, s, x in zip(packed, solo, latents, strict=True):
-        assert p.shape == x.shape
-        torch.testing.assert_close(p, s, atol=1e-5, rtol=1e-5)
-    assert solo[0].abs().mean() > 1e-2  # the comparison is not between zeros
-    for (name, _), gp, gs in zip(model.named_parameters(), grads_packed, grads_solo, strict=True):
-        # fp32 tolerance relative to the gradient's scale (entries reach ~1e2 with these weights;
-        # the two paths sum the same terms in another order).
-        scale = gs.abs().max()
-        assert scale > 0, name
-        assert (gp - gs).abs().max() <= 1e-5 * scale, f"{name}: {(gp - gs).abs().max() / scale:.2e} of max |grad|"
+    with pytest.raises(ValueError, match=r"t must be \[B\], one per clip"):
+        model.forward_packed(latents, t[:, None].expand(-1, 2), text_emb, text_mask)
 
 
-def test_packed_forward_without_text_mask_and_empty_caption():
+@pytest.mark.parametrize("name", ["cross_attn", "mmdit"])
+def test_packed_forward_without_text_mask_and_empty_caption(name):
     """text_mask=None means every text token is real; a caption with no real token gives zero
-    cross-attention for its clip in both paths."""
-    model = tiny_dit("sdpa")
+    cross-attention for its clip (MMDiT: a video-only joint attention) in both paths."""
+    model = tiny_dit("sdpa", **({} if name == "cross_attn" else VARIANTS[name]))
     latents, t, text_emb, text_mask = batch(seed=2)
     for mask in (None, text_mask.clone().index_fill_(0, torch.tensor([1]), False)):
         with torch.no_grad():
@@ -199,23 +244,33 @@ def test_packed_loss_is_the_mean_of_per_sample_bucket_losses(objective):
         assert (gp - gs).abs().max() <= 1e-5 * scale + 1e-8, name
 
 
-def test_packed_model_on_the_flash_varlen_path_matches_per_sample(monkeypatch):
+@pytest.mark.parametrize("name", ["cross_attn", "mmdit"])
+def test_packed_model_on_the_flash_varlen_path_matches_per_sample(monkeypatch, name):
     """The whole packed forward with flash-attn's varlen contract (CPU stand-in): every self- and
-    cross-attention call goes through cu_seqlens, and the clips still get their solo outputs."""
-    model = tiny_dit("flash")
+    cross-attention call (MMDiT: every joint attention, over [text_i, video_i] segments) goes
+    through cu_seqlens, no dense mask is built, and the clips still get their solo outputs."""
+    model = tiny_dit("flash", **({} if name == "cross_attn" else VARIANTS[name]))
     latents, t, text_emb, text_mask = batch()
     with torch.no_grad():
         solo = [model(x[None], t[i : i + 1], text_emb[i : i + 1], text_mask[i : i + 1])[0] for i, x in enumerate(latents)]
     calls = []
 
     def spy(*args, **kwargs):
-        calls.append(len(kwargs["cu_seqlens_q"]) - 1)
+        calls.append(kwargs["cu_seqlens_k"].tolist())
         return fake_flash_varlen(*args, **kwargs)
+
+    def no_dense(self):
+        raise AssertionError("the flash path built a dense packing mask")
 
     monkeypatch.setattr(attn_mod, "flash_attn_varlen_func", spy)
     monkeypatch.setattr(attn_mod, "flash_can_run", lambda q: True)
+    monkeypatch.setattr(PackedMask, "dense", no_dense)
     with torch.no_grad():
         packed = model.forward_packed(latents, t, text_emb, text_mask)
-    assert calls == [3] * (2 * 2)  # depth 2 x (self, cross), three segments each
+    video = [0, 12, 30, 31]  # cumulative tokens of the clips' (2, 2, 3), (3, 3, 2), (1, 1, 1) grids
+    if name == "cross_attn":  # depth 2 x (self, cross)
+        assert calls == [video, [0, 5, 7, 10]] * 2
+    else:  # depth 2 x joint attention over caption + video tokens
+        assert calls == [[0, 5 + 12, 5 + 12 + 2 + 18, 5 + 12 + 2 + 18 + 3 + 1]] * 2
     for p, s in zip(packed, solo, strict=True):
         torch.testing.assert_close(p, s, atol=1e-5, rtol=1e-5)
