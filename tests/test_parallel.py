@@ -95,3 +95,22 @@ def test_fsdp_single_rank_keeps_outputs_and_grads(tmp_path):
         assert_same(reference, (out, grads))
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("variant", ["cross_attn", "cross_attn+adaln_zero", "mmdit", "mmdit+single_only"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_dit_traces_for_compile_without_graph_breaks(variant, precision):
+    """`compile: true` compiles each block; a graph break splits it into pieces inductor cannot fuse
+    across (model/fused.py's Functions once wrote into views with out=: 9 breaks per block, and a
+    compiled step ran slower than diffusers' compiled one). dynamo.explain traces the forward and the
+    Functions' backward without compiling."""
+    import torch._dynamo
+    from test_model import randomize_zero_init, tiny_config
+    from test_model_variants import VARIANTS, inputs
+
+    cfg = tiny_config(**VARIANTS.get(variant, {}))
+    model, args = randomize_zero_init(DiT(cfg)), inputs(cfg)
+    torch._dynamo.reset()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        explanation = torch._dynamo.explain(model)(**args)
+    assert explanation.graph_break_count == 0, explanation.break_reasons

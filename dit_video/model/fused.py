@@ -70,8 +70,9 @@ def _flip_halves(x: torch.Tensor) -> torch.Tensor:
     return x.unflatten(-1, (2, -1)).flip(-2).flatten(-2)
 
 
-def _norm_rope_forward(x, weight, tables, eps: float, out: torch.Tensor) -> torch.Tensor:
-    """out <- rope(rms_norm(x) * weight) over the last dim of x; returns rstd (x's shape, last dim 1).
+def _norm_rope_forward(x, weight, tables, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rope(rms_norm(x) * weight), rstd) over the last dim of x: y in x's dtype and memory layout,
+    rstd float32 with x's shape but last dim 1.
 
     tables: None (no rotation) or (cos, sin_signed) from _rotate_tables, broadcastable to x.
     The statistic is float32; the elementwise passes run in x's dtype (these passes are memory-bound,
@@ -89,12 +90,13 @@ def _norm_rope_forward(x, weight, tables, eps: float, out: torch.Tensor) -> torc
         # The norm weight folded into the tables: rope(u * w) = u * (w cos) + flip(u) * (flip(w) sin_s).
         a, b = (w * cos).to(x.dtype), (_flip_halves(w) * sin_s).to(x.dtype)
         y = torch.addcmul(x * a, _flip_halves(x), b)
-    torch.mul(y, rstd.to(x.dtype), out=out)  # rstd applied last
-    return rstd
+    # rstd applied last, in place on y (a fresh tensor). No `out=` into a caller's buffer: dynamo
+    # cannot trace out= into a strided view, and each such graph break splits a compiled block.
+    return y.mul_(rstd.to(x.dtype)), rstd
 
 
-def _norm_rope_backward(grad, x, weight, rstd, tables, out: torch.Tensor | None) -> torch.Tensor:
-    """out <- d loss / d x (when out is given); returns d loss / d weight (summed to weight's shape).
+def _norm_rope_backward(grad, x, weight, rstd, tables, need_x: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(d loss / d x (None unless need_x), d loss / d weight summed to weight's shape).
 
     float32 math on x's and grad's own dtype (no converted copies), in place where it can be.
     """
@@ -109,30 +111,29 @@ def _norm_rope_backward(grad, x, weight, rstd, tables, out: torch.Tensor | None)
     prod = grad_v * u
     w = weight.to(acc)
     grad_weight = prod.sum_to_size(weight.shape).to(weight.dtype)
-    if out is not None:
-        with torch.autocast(x.device.type, enabled=False):  # a backward run under autocast stays float32
-            dot = prod.reshape(-1, x.shape[-1]) @ w  # [rows] = sum_c grad_v w u, as a GEMV (weight is [hd])
-        grad_u = grad_v.mul_(w)
-        # d/dx of x * rstd(x) applied to grad_u: rstd * (grad_u - u * mean(grad_u * u)).
-        grad_u.addcmul_(u, dot.reshape(rstd.shape), value=-1.0 / x.shape[-1])
-        torch.mul(grad_u, rstd, out=out)
-    return grad_weight
+    if not need_x:
+        return None, grad_weight
+    with torch.autocast(x.device.type, enabled=False):  # a backward run under autocast stays float32
+        dot = prod.reshape(-1, x.shape[-1]) @ w  # [rows] = sum_c grad_v w u, as a GEMV (weight is [hd])
+    grad_u = grad_v.mul_(w)
+    # d/dx of x * rstd(x) applied to grad_u: rstd * (grad_u - u * mean(grad_u * u)).
+    grad_u.addcmul_(u, dot.reshape(rstd.shape), value=-1.0 / x.shape[-1])
+    return grad_u.mul_(rstd), grad_weight  # float32
 
 
 class _RMSNorm(Function):
     @staticmethod
     def forward(ctx, x, weight, eps: float):
-        out = torch.empty_like(x)  # keeps x's memory layout (e.g. token-major q viewed as [B, H, N, hd])
-        rstd = _norm_rope_forward(x, weight, None, eps, out)
+        # Elementwise ops keep x's memory layout (e.g. token-major q viewed as [B, H, N, hd]).
+        out, rstd = _norm_rope_forward(x, weight, None, eps)
         ctx.save_for_backward(x, weight, rstd)
         return out
 
     @staticmethod
     def backward(ctx, grad):
         x, weight, rstd = ctx.saved_tensors
-        grad_x = torch.empty_like(x) if ctx.needs_input_grad[0] else None
-        grad_weight = _norm_rope_backward(grad, x, weight, rstd, None, grad_x)
-        return grad_x, grad_weight, None
+        grad_x, grad_weight = _norm_rope_backward(grad, x, weight, rstd, None, ctx.needs_input_grad[0])
+        return None if grad_x is None else grad_x.to(x.dtype), grad_weight, None
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -150,8 +151,9 @@ class _QKVHeads(Function):
     ([B, N, H, hd], the linear's own order, so the split is one copy of whole token rows) and
     returns [B, H, N, hd] views of token-major memory: CPU SDPA then returns its output in the
     same layout, so merging the heads for the output projection is a view, not a copy (and the
-    projection does not save a second copy of what SDPA already saved). Backward writes the three
-    gradients straight into one [B, N, 3D] buffer, the layout the QKV linear's backward reads.
+    projection does not save a second copy of what SDPA already saved). Backward stacks the three
+    gradients into one [B, N, 3D] tensor, the layout the QKV linear's backward reads. Nothing
+    writes into a view with `out=`, so torch.compile traces the whole block without a break.
     """
 
     @staticmethod
@@ -161,11 +163,10 @@ class _QKVHeads(Function):
         qk = heads[:2].contiguous()  # [2, B, N, H, hd]: every pass below runs on contiguous memory
         v = heads[2].contiguous()  # [B, N, H, hd]
         tables = None if cos is None else _rotate_tables(cos, sin, acc)  # each [N, 1, hd]
-        out = torch.empty_like(qk)  # [2, B, N, H, hd]
-        rstd_q = _norm_rope_forward(qk[0], q_weight, tables, eps, out[0])  # [B, N, H, 1]
-        rstd_k = _norm_rope_forward(qk[1], k_weight, tables, eps, out[1])
+        q, rstd_q = _norm_rope_forward(qk[0], q_weight, tables, eps)  # [B, N, H, hd], [B, N, H, 1]
+        k, rstd_k = _norm_rope_forward(qk[1], k_weight, tables, eps)
         ctx.save_for_backward(qk, q_weight, k_weight, rstd_q, rstd_k, cos, sin)
-        return out[0].transpose(1, 2), out[1].transpose(1, 2), v.transpose(1, 2)  # each [B, H, N, hd]
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # each [B, H, N, hd]
 
     @staticmethod
     def backward(ctx, grad_q, grad_k, grad_v):
@@ -176,12 +177,13 @@ class _QKVHeads(Function):
         grad_q, grad_k, grad_v = (
             qk.new_zeros(B, N, H, hd) if g is None else g.transpose(1, 2) for g in (grad_q, grad_k, grad_v)
         )  # each [B, N, H, hd]
-        grad_qkv = grad_v.new_empty(B, N, 3 * H * hd)  # [B, N, 3D]
-        grad_heads = grad_qkv.view(B, N, 3, H, hd).movedim(2, 0)  # [3, B, N, H, hd] view
-        grad_heads[2].copy_(grad_v)
-        grad_qw = _norm_rope_backward(grad_q, qk[0], q_weight, rstd_q, tables, grad_heads[0])
-        grad_kw = _norm_rope_backward(grad_k, qk[1], k_weight, rstd_k, tables, grad_heads[1])
-        return grad_qkv, grad_qw, grad_kw, None, None, None, None
+        grad_qx, grad_qw = _norm_rope_backward(grad_q, qk[0], q_weight, rstd_q, tables, True)  # float32
+        grad_kx, grad_kw = _norm_rope_backward(grad_k, qk[1], k_weight, rstd_k, tables, True)
+        # One stack writes the (three, heads, hd) layout the QKV linear's backward reads (and rounds
+        # q's and k's float32 gradients to v's dtype on the way).
+        dtype = grad_v.dtype
+        grad_qkv = torch.stack([grad_qx.to(dtype), grad_kx.to(dtype), grad_v], dim=2)  # [B, N, 3, H, hd]
+        return grad_qkv.flatten(2), grad_qw, grad_kw, None, None, None, None  # grad_qkv [B, N, 3D]
 
 
 def qkv_heads(
