@@ -1,6 +1,6 @@
 """Training-step speed and memory: our DiT vs diffusers' WanTransformer3DModel at a matched config.
 
-    python benchmarks/model_step.py [--repeats 5] [--frames 5 20] [--precisions fp32 bf16]
+    python benchmarks/model_step.py [--repeats 5] [--frames 5 20] [--precisions fp32 bf16] [--compile]
 
 Matched config (issue 3): hidden 384, 6 layers, 6 heads (head_dim 64), FFN 1536, patch (1, 2, 2),
 16 latent channels, 64 text tokens of a 4096-d (T5-sized) encoder, batch 1, latents 5x32x32
@@ -12,7 +12,11 @@ A step is forward + MSE loss + backward + AdamW (fused, the same for both), in f
 bf16 autocast. Method:
 - time: one process, one thread (2-thread timings swing ~2x on this shared machine, 1-thread ones
   hold within a few percent), one warm-up step each, then ours and diffusers alternate
-  `--repeats` times; medians and the median ratio are reported.
+  `--repeats` times; medians and the median of the paired ratios are reported, with the range of
+  the paired ratios ("ratio range") so a reader can tell a real difference from machine noise.
+- `--compile`: every transformer block of BOTH models is torch.compile'd in place first (what
+  `parallel.compile: true` does to ours), and the warm-up steps include the compile. Eager is the
+  default: it is what the two implementations' own code costs.
 - GEMM rate: a 2048^3 matmul in the same dtype, timed between rounds in the same process (median);
   "% GEMM" = our model FLOPs per second (dit_video.model.flops, training = fwd + bwd, matmuls and
   attention products, recompute excluded) / that rate.
@@ -57,8 +61,16 @@ def ours_config() -> DiTConfig:
     )
 
 
-def build(which: str):
+def build(which: str, compile_blocks: bool = False):
     """(model, step_inputs_fn): the model and a function mapping (x, t, text) to its output."""
+    model, call = _build(which)
+    if compile_blocks:
+        for block in model.blocks:  # both models keep their blocks in a ModuleList named `blocks`
+            block.compile()  # in place, as dit_video.parallel.parallelize does
+    return model, call
+
+
+def _build(which: str):
     torch.manual_seed(0)
     if which == "ours":
         model = DiT(ours_config())
@@ -87,8 +99,8 @@ def make_inputs(frames: int):
     return x, t, text, target
 
 
-def make_step(which: str, frames: int, precision: str):
-    model, call = build(which)
+def make_step(which: str, frames: int, precision: str, compile_blocks: bool = False):
+    model, call = build(which, compile_blocks)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     x, t, text, target = make_inputs(frames)
@@ -107,7 +119,8 @@ def make_step(which: str, frames: int, precision: str):
 def gemm_rate(dtype: torch.dtype, n: int = 2048) -> float:
     """FLOP/s of one n^3 matmul in `dtype` (best of 3 after a warm-up)."""
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b
+    for _ in range(2):  # the first bf16 call also sets up the AMX tiles (and the clock ramps up)
+        a @ b
     best = float("inf")
     for _ in range(3):
         t0 = time.perf_counter()
@@ -141,23 +154,24 @@ def _rss_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def memory_child(which: str, frames: int, precision: str) -> None:
+def memory_child(which: str, frames: int, precision: str, compile_blocks: bool) -> None:
     """Runs in a fresh process: print the peak RSS growth (MiB) of two training steps as JSON."""
     torch.set_num_threads(1)
     if which == "diffusers":
         import diffusers  # noqa: F401  (import cost is not the model's memory)
     make_inputs(frames)
     base = _rss_kib("VmRSS")
-    step = make_step(which, frames, precision)
+    step = make_step(which, frames, precision, compile_blocks)
     step()
     step()
     print(json.dumps({"peak_mib": (_rss_kib("VmHWM") - base) / 1024}))
 
 
-def measure_memory(which: str, frames: int, precision: str) -> float:
+def measure_memory(which: str, frames: int, precision: str, compile_blocks: bool) -> float:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, __file__, "--memory-child", which, str(frames), precision],
+        [sys.executable, __file__, "--memory-child", which, str(frames), precision]
+        + (["--compile"] if compile_blocks else []),
         capture_output=True, text=True, env=env, check=True,
     )
     return json.loads(proc.stdout.strip().splitlines()[-1])["peak_mib"]
@@ -169,17 +183,25 @@ def main() -> None:
     parser.add_argument("--frames", type=int, nargs="+", default=[5, 20], help="latent frames (1x and 4x)")
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     parser.add_argument("--no-memory", action="store_true", help="skip the subprocess memory runs")
+    parser.add_argument("--compile", action="store_true", help="torch.compile every block of both models first")
     parser.add_argument("--memory-child", nargs=3, metavar=("WHICH", "FRAMES", "PRECISION"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
         which, frames, precision = args.memory_child
-        memory_child(which, int(frames), precision)
+        memory_child(which, int(frames), precision, args.compile)
         return
 
     torch.set_num_threads(1)
     import diffusers
 
-    print(f"torch {torch.__version__}, diffusers {diffusers.__version__}, 1 thread, batch 1, {args.repeats} A/B rounds")
+    mode = "blocks torch.compile'd" if args.compile else "eager"
+    print(f"torch {torch.__version__}, diffusers {diffusers.__version__}, 1 thread, batch 1, {args.repeats} A/B rounds, {mode}")
+    # The issue's targets assume AVX512-BF16 without AMX (bf16 GEMM ~4.5x fp32); with AMX tiles the
+    # bf16 GEMM is several times faster again, and "% GEMM" is measured against that rate.
+    amx = "amx_bf16" in Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else False
+    fp32_rate, bf16_rate = gemm_rate(torch.float32), gemm_rate(torch.bfloat16)
+    print(f"GEMM 2048^3: fp32 {fp32_rate / 1e9:.0f} GF/s, bf16 {bf16_rate / 1e9:.0f} GF/s "
+          f"({bf16_rate / fp32_rate:.1f}x; AMX bf16 {'yes' if amx else 'no'})")
     cfg = ours_config()
     rows = []
     for precision in args.precisions:
@@ -188,7 +210,8 @@ def main() -> None:
             count = dit_flops(cfg, (frames, HW, HW), TEXT_LEN)
             flops = count.training
             attn_flops = 3 * count.attention  # fwd + bwd (2x fwd) of the attention products
-            ours, theirs = make_step("ours", frames, precision), make_step("diffusers", frames, precision)
+            ours = make_step("ours", frames, precision, args.compile)
+            theirs = make_step("diffusers", frames, precision, args.compile)
             ours()
             theirs()
             t_ours, t_theirs, rates = [], [], []
@@ -199,32 +222,33 @@ def main() -> None:
                     fn()
                     times.append(time.perf_counter() - t0)
             del ours, theirs
-            ratio = statistics.median(a / b for a, b in zip(t_ours, t_theirs, strict=True))
+            ratios = [a / b for a, b in zip(t_ours, t_theirs, strict=True)]
+            ratio = statistics.median(ratios)
             if args.no_memory:
                 mem_ours = mem_theirs = float("nan")
             else:
-                mem_ours, mem_theirs = (measure_memory(w, frames, precision) for w in ("ours", "diffusers"))
+                mem_ours, mem_theirs = (measure_memory(w, frames, precision, args.compile) for w in ("ours", "diffusers"))
             rate = statistics.median(rates)
             achieved = flops / statistics.median(t_ours)
             attn_rate = sdpa_rate(dtype, frames * (HW // 2) ** 2)
             bound = flops / ((flops - attn_flops) / rate + attn_flops / attn_rate) / rate
             rows.append(
                 (precision, frames, statistics.median(t_ours), statistics.median(t_theirs), ratio,
-                 mem_ours, mem_theirs, mem_ours / mem_theirs, achieved / 1e9, rate / 1e9, achieved / rate,
-                 attn_rate / 1e9, bound)
+                 f"{min(ratios):.2f}-{max(ratios):.2f}", mem_ours, mem_theirs, mem_ours / mem_theirs,
+                 achieved / 1e9, rate / 1e9, achieved / rate, attn_rate / 1e9, bound)
             )
             print(f"  done {precision} {frames} frames", file=sys.stderr, flush=True)
 
     header = (
-        f"{'prec':>5} {'frames':>6} {'tokens':>6} {'ours s':>8} {'diff s':>8} {'time ratio':>10} "
+        f"{'prec':>5} {'frames':>6} {'tokens':>6} {'ours s':>8} {'diff s':>8} {'time ratio':>10} {'ratio range':>11} "
         f"{'ours MiB':>9} {'diff MiB':>9} {'mem ratio':>9} {'GFLOP/s':>8} {'GEMM GF/s':>9} {'% GEMM':>7} "
         f"{'SDPA GF/s':>9} {'bound':>6}"
     )
     print(header)
-    for p, f, to, td, r, mo, md, mr, ach, rate, frac, attn_rate, bound in rows:
+    for p, f, to, td, r, spread, mo, md, mr, ach, rate, frac, attn_rate, bound in rows:
         tokens = f * (HW // 2) ** 2
         print(
-            f"{p:>5} {f:>6} {tokens:>6} {to:8.3f} {td:8.3f} {r:10.3f} {mo:9.0f} {md:9.0f} {mr:9.3f} "
+            f"{p:>5} {f:>6} {tokens:>6} {to:8.3f} {td:8.3f} {r:10.3f} {spread:>11} {mo:9.0f} {md:9.0f} {mr:9.3f} "
             f"{ach:8.1f} {rate:9.1f} {100 * frac:6.1f}% {attn_rate:9.1f} {100 * bound:5.1f}%"
         )
     bf16_ratios = [r[4] for r in rows if r[0] == "bf16"]
