@@ -3,8 +3,9 @@
     B latents [C, T_i, H_i, W_i] --patchify each--> tokens [N_i, P] --concatenate--> [1, ΣN_i, P]
 
 Clip i owns tokens [cu[i], cu[i+1]) of the packed sequence. Self-attention is block-diagonal
-over clips, cross-attention lets a clip see only its own caption, RoPE positions restart at 0
-for every clip and adaLN modulation is gathered per token from the clip's t (DiT.forward_packed),
+over clips, cross-attention lets a clip see only its own caption (MMDiT: joint attention over
+one [caption_i, clip_i] segment per clip, mmdit.JointPacking), RoPE positions restart at 0 for
+every clip and adaLN modulation is gathered per token from the clip's t (DiT.forward_packed),
 so a packed clip gets exactly the output it gets alone; no token is padding.
 """
 
