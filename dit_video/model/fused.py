@@ -179,8 +179,8 @@ class _QKVHeads(Function):
         )  # each [B, N, H, hd]
         grad_qx, grad_qw = _norm_rope_backward(grad_q, qk[0], q_weight, rstd_q, tables, True)  # float32
         grad_kx, grad_kw = _norm_rope_backward(grad_k, qk[1], k_weight, rstd_k, tables, True)
-        # One stack writes the (three, heads, hd) layout the QKV linear's backward reads (and rounds
-        # q's and k's float32 gradients to v's dtype on the way).
+        # q's and k's float32 gradients rounded to v's dtype, then one stack writes the (three, heads,
+        # hd) layout the QKV linear's backward reads.
         dtype = grad_v.dtype
         grad_qkv = torch.stack([grad_qx.to(dtype), grad_kx.to(dtype), grad_v], dim=2)  # [B, N, 3, H, hd]
         return grad_qkv.flatten(2), grad_qw, grad_kw, None, None, None, None  # grad_qkv [B, N, 3D]
