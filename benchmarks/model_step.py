@@ -15,7 +15,7 @@ bf16 autocast. Method:
   `--repeats` times; medians and the median of the paired ratios are reported, with the range of
   the paired ratios ("ratio range") so a reader can tell a real difference from machine noise.
 - `--compile`: every transformer block of BOTH models is torch.compile'd in place first (what
-  `parallel.compile: true` does to ours), and the warm-up steps include the compile. Eager is the
+  `strategy.parallel.compile=true` does to ours), and the warm-up steps include the compile. Eager is the
   default: it is what the two implementations' own code costs.
 - GEMM rate: a 2048^3 matmul in the same dtype, timed between rounds in the same process (median);
   "% GEMM" = our model FLOPs per second (dit_video.model.flops, training = fwd + bwd, matmuls and
