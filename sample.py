@@ -14,7 +14,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from dit_video.api import config_hash, resolve_checkpoint, sample_identity
-from dit_video.encoders.vae import sha256_file
+from dit_video.files import sha256_file
 from dit_video.media import write_samples
 from dit_video.pipeline import CheckpointError, Pipeline, read_cond_frames
 from dit_video.provenance import PromptRefused, ProvenanceConfig, check_prompts

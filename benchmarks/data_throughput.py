@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from data_prep.encode_latents import encode_latents, load_text_encoder
     from dit_video.data.latents import LatentDataConfig, LatentDataModule
-    from dit_video.encoders.vae import CausalVAE, CausalVAEConfig, load_vae, save_vae
+    from dit_video.encoders.causal_vae import CausalVAE, CausalVAEConfig, load_vae, save_vae
 
     def clip_module(workers: int) -> VideoDataModule:
         cfg = VideoDataConfig(shards=shards, val_shards=None, num_frames=args.num_frames, fps=args.fps,

@@ -193,7 +193,7 @@ def build_vae_from_args(vae_dir: str | None, vae_config: str | None, overrides: 
     from dit_video.run import build_vae
 
     if vae_dir is not None:
-        from dit_video.encoders.vae import load_vae
+        from dit_video.encoders.causal_vae import load_vae
 
         return load_vae(vae_dir)
     return build_vae(OmegaConf.create({"vae": load_vae_node(vae_config, overrides)}))

@@ -154,7 +154,7 @@ def yaml_snippet(stats: dict) -> str:
 
 def write_into_causal_vae(vae, stats: dict) -> Path:
     """Rewrite a CausalVAE's vae.safetensors with shift = mean, scale = 1/std; returns its folder."""
-    from dit_video.encoders.vae import save_vae
+    from dit_video.encoders.causal_vae import save_vae
 
     folder = Path(vae.weights_path).parent
     mean = torch.tensor(stats["latents_mean"], dtype=torch.float32)
@@ -182,7 +182,8 @@ def main(argv: list[str] | None = None) -> dict:
     from omegaconf import OmegaConf
 
     from dit_video.data.loader import resolve_shards
-    from dit_video.encoders.vae import VAE_WEIGHTS_FILE, CausalVideoAutoencoder, sha256_file
+    from dit_video.encoders.causal_vae import VAE_WEIGHTS_FILE, CausalVideoAutoencoder
+    from dit_video.files import sha256_file
     from dit_video.run import build_vae
 
     if args.max_samples is not None and args.max_samples < 1:

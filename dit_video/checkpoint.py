@@ -33,6 +33,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from dit_video.files import sha256_file
 from dit_video.pipeline import CheckpointError
 
 log = logging.getLogger("dit_video")
@@ -434,8 +435,6 @@ def load_training_checkpoint(path: str | Path, sections: list[str] | None = None
 
 def checkpoint_sha256(path: str | Path) -> str:
     """sha256 of a checkpoint file; of a DCP folder, over its files' relative names and contents."""
-    from dit_video.encoders.vae import sha256_file
-
     path = Path(path)
     if not path.is_dir():
         return sha256_file(path)

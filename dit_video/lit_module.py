@@ -317,7 +317,7 @@ class DiTModule(FrozenEncodersMixin, L.LightningModule):
 
 class VAEModule(L.LightningModule):
     """Stage 1: train our causal video VAE on clips (reconstruction + KL, optionally LPIPS and a
-    3D patch discriminator; `objective` is a dit_video.encoders.vae_losses.VAELoss).
+    3D patch discriminator; `objective` is a dit_video.encoders.causal_vae.VAELoss).
 
     Without a discriminator: Lightning's automatic optimisation, one AdamW. With one: two AdamWs
     (VAE, discriminator) stepped in `training_step` (manual optimisation), so gradient clipping

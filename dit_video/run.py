@@ -189,7 +189,7 @@ def build_text_encoder(cfg: DictConfig):
 def build_vae(cfg: DictConfig):
     """The frozen VAE cfg.vae names: our CausalVAE from vae.path (vae.kind absent or 'causal') or a
     pretrained diffusers autoencoder (vae.kind: diffusers_image | cogvideox | wan | hunyuan_video | ltx_video)."""
-    from dit_video.encoders.vae import TilingConfig, load_vae
+    from dit_video.encoders.causal_vae import TilingConfig, load_vae
 
     if cfg.vae.get("kind", "causal") == "causal":  # causal VAE configs predate vae.kind
         tiling = cfg.vae.get("tiling")  # tiled/chunked encode and decode (configs before it have none)
@@ -448,15 +448,16 @@ def train_dit(cfg: DictConfig, run_dir: Path) -> None:
 
 
 def train_vae(cfg: DictConfig, run_dir: Path) -> None:
-    from dit_video.encoders.vae import (
+    from dit_video.encoders.causal_vae import (
         CausalVAE,
         CausalVAEConfig,
         TilingConfig,
+        VAELoss,
+        VAELossConfig,
         check_video_size,
         compute_latent_stats,
         save_vae,
     )
-    from dit_video.encoders.vae_losses import VAELoss, VAELossConfig
     from dit_video.lit_module import OptimConfig, VAEModule
 
     data_cfg, datamodule = build_data(cfg)

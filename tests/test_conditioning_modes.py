@@ -175,7 +175,7 @@ def test_sample_cli_conditions_and_records_it(base, cond_files, tmp_path, field,
     import json
 
     from dit_video.data.shards import encode_mp4
-    from dit_video.encoders.vae import sha256_file
+    from dit_video.files import sha256_file
     from dit_video.provenance import decode_frames
 
     ckpt, path, out = base["run"] / "checkpoints" / "last.ckpt", cond_files[field], tmp_path / "out"

@@ -60,7 +60,7 @@ def test_files_key_changes_when_a_file_is_rewritten(tmp_path):
 
 def _saved_vae(root: Path) -> Path:
     from dit_video.encoders import save_vae
-    from dit_video.encoders.vae import VAE_PRESETS, CausalVAE
+    from dit_video.encoders.causal_vae import VAE_PRESETS, CausalVAE
 
     torch.manual_seed(0)
     config = VAE_PRESETS["tiny"]

@@ -28,7 +28,7 @@ from dit_video.encoders import (  # noqa: E402
     save_vae,
     vae_loss,
 )
-from dit_video.encoders.vae import CausalConv3d, TilingConfig  # noqa: E402
+from dit_video.encoders.causal_vae import CausalConv3d, TilingConfig  # noqa: E402
 
 COLOURS = np.array([[230, 40, 40], [40, 200, 60], [50, 90, 235], [240, 220, 40], [220, 60, 220]], np.uint8)
 

@@ -79,7 +79,7 @@ def test_encoders_follow_the_module_dtype_and_device(encoders):
 
 
 def test_assigning_an_encoder_keeps_it_frozen_and_out_of_the_tree(encoders):
-    from dit_video.encoders.vae import VAE_PRESETS, CausalVAE
+    from dit_video.encoders.causal_vae import VAE_PRESETS, CausalVAE
 
     module = make_module(*encoders)
     other = CausalVAE(VAE_PRESETS["tiny"]).train()

@@ -18,7 +18,7 @@ from data_prep.make_demo import make_demo
 from dit_video.data.latents import LatentDataConfig, LatentDataModule, LatentShardDataset
 from dit_video.data.loader import VideoShardDataset
 from dit_video.encoders.base import clip_to_video
-from dit_video.encoders.vae import CausalVAE, CausalVAEConfig, load_vae, save_vae
+from dit_video.encoders.causal_vae import CausalVAE, CausalVAEConfig, load_vae, save_vae
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]

@@ -31,8 +31,8 @@ from dit_video.data.latents import (  # noqa: E402
 )
 from dit_video.data.loader import VideoShardDataset  # noqa: E402
 from dit_video.encoders.base import clip_to_video  # noqa: E402
+from dit_video.encoders.causal_vae import CausalVAE, CausalVAEConfig, load_vae, save_vae  # noqa: E402
 from dit_video.encoders.text import HFTextEncoder, minilm_path  # noqa: E402
-from dit_video.encoders.vae import CausalVAE, CausalVAEConfig, load_vae, save_vae  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 T, SIZE, FPS, C = 9, 16, 8.0, 4  # Wan needs 1 + 4k frames and H, W divisible by 8

@@ -10,7 +10,7 @@ import sys
 import pytest
 from tiny_run import ROOT, tiny_run
 
-from dit_video.encoders.vae import sha256_file
+from dit_video.files import sha256_file
 from dit_video.provenance import decode_frames, detect, read_metadata
 
 

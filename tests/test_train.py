@@ -60,7 +60,7 @@ def run_dit(shards, vae_dir, run_dir, steps, *extra):
 
 
 def test_vae_stage_exports_weights_and_latent_stats(vae_dir):
-    from dit_video.encoders.vae import load_vae
+    from dit_video.encoders.causal_vae import load_vae
 
     assert (vae_dir / "vae.safetensors").is_file() and (vae_dir / "vae.json").is_file()
     vae = load_vae(str(vae_dir))

@@ -14,20 +14,15 @@ from test_encoders import shape_clips
 from tiny_run import ROOT, compose_train
 
 from dit_video.encoders import clip_to_video
-from dit_video.encoders.vae import VAE_PRESETS, CausalVAE, vae_loss
-from dit_video.encoders.vae_losses import (
-    LPIPS,
-    LPIPS_CHANNELS,
+from dit_video.encoders.causal_vae import VAE_PRESETS, CausalVAE, VAELoss, VAELossConfig, vae_loss
+from dit_video.encoders.causal_vae.discriminator import (
     PatchDiscriminator3D,
-    VAELoss,
-    VAELossConfig,
     adaptive_weight,
     discriminator_hinge_loss,
     discriminator_non_saturating_loss,
     generator_adversarial_loss,
-    load_lpips,
-    lpips_state_from_official,
 )
+from dit_video.encoders.causal_vae.lpips import LPIPS, LPIPS_CHANNELS, load_lpips, lpips_state_from_official
 from dit_video.eval.image_metrics import gaussian_window, psnr, ssim
 
 # ---------------------------------------------------------------------------------------------

@@ -1,8 +1,7 @@
 """Video autoencoders and text encoders (frozen during DiT training)."""
 
 from dit_video.encoders.base import TextEncoder, VideoAutoencoder, clip_to_video, video_to_clip
-from dit_video.encoders.text import HFTextEncoder, minilm_path
-from dit_video.encoders.vae import (
+from dit_video.encoders.causal_vae import (
     VAE_PRESETS,
     CausalVAE,
     CausalVAEConfig,
@@ -13,6 +12,7 @@ from dit_video.encoders.vae import (
     save_vae,
     vae_loss,
 )
+from dit_video.encoders.text import HFTextEncoder, minilm_path
 
 __all__ = [
     "TextEncoder",

@@ -33,7 +33,8 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from dit_video.encoders.vae import check_video_size, sha256_file
+from dit_video.encoders.causal_vae import check_video_size
+from dit_video.files import sha256_file
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -56,7 +57,7 @@ FAMILIES: dict[str, VAEFamily] = {
     "hunyuan_video": VAEFamily("AutoencoderKLHunyuanVideo"),
     "ltx_video": VAEFamily("AutoencoderKLLTXVideo"),
 }
-VAE_KINDS = ("causal", *FAMILIES)  # causal = our CausalVAE (dit_video/encoders/vae.py)
+VAE_KINDS = ("causal", *FAMILIES)  # causal = our CausalVAE (dit_video/encoders/causal_vae/)
 
 
 @dataclass
