@@ -415,10 +415,10 @@ def test_demo_variant_yamls_build_and_match_the_demo_size():
 
 
 def test_pooled_text_dim_auto_takes_a_real_clip_encoders_pooled_dim(tmp_path, monkeypatch):
-    """A tiny random CLIP text model saved offline (tests/test_text_encoders.py's recipe): run.py's
+    """A tiny random CLIP text model saved offline (tests/tiny_text_models.py): run.py's
     `pooled_text_dim: auto` takes its pooled_dim, and its pooled vector drives the DiT."""
     from omegaconf import OmegaConf
-    from test_text_encoders import save_tokenizer, tiny_model
+    from tiny_text_models import save_tokenizer, tiny_model
 
     from dit_video.encoders.text import HFTextEncoder
     from dit_video.run import ConfigError, build_dit_config

@@ -10,8 +10,8 @@ import sys
 import numpy as np
 import pytest
 import torch
-from test_encoders import shape_clips
 from tiny_run import ROOT, compose_train
+from tiny_vae import shape_clips
 
 from dit_video.encoders import clip_to_video
 from dit_video.encoders.causal_vae import VAE_PRESETS, CausalVAE, VAELoss, VAELossConfig, vae_loss
