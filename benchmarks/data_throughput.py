@@ -56,9 +56,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from dit_video.data.config import VideoDataConfig, resolve_shards  # noqa: E402
+from dit_video.data.datamodule import VideoDataModule  # noqa: E402
 from dit_video.data.decode import TimedCall, decode_clip, frame_indices, torchcodec_problem  # noqa: E402
 from dit_video.data.index import MemberReader, build_index  # noqa: E402
-from dit_video.data.loader import VideoDataConfig, VideoDataModule, key_seed, resolve_shards  # noqa: E402
+from dit_video.data.samples import key_seed  # noqa: E402
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 

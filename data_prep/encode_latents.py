@@ -41,6 +41,8 @@ from pathlib import Path
 import torch
 
 from dit_video.data.buckets import Bucket
+from dit_video.data.clips import VideoShardDataset
+from dit_video.data.config import resolve_shards
 from dit_video.data.latents import (
     CACHE_FILE,
     CACHE_FORMAT,
@@ -50,7 +52,6 @@ from dit_video.data.latents import (
     text_key,
     vae_key,
 )
-from dit_video.data.loader import VideoShardDataset, resolve_shards
 from dit_video.encoders.base import clip_to_video
 
 _MTIME = 1_700_000_000

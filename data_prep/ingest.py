@@ -594,7 +594,7 @@ def main(argv: list[str] | None = None) -> dict:
     elif args.list:
         sources = sources_from_list(args.list)
     else:
-        from dit_video.data.loader import resolve_shards
+        from dit_video.data.config import resolve_shards
 
         sources = sources_from_shards(resolve_shards(args.shards, field="--shards"))
     report = ingest(sources, cfg, progress=sys.stderr.isatty())

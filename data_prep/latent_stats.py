@@ -82,7 +82,7 @@ def latent_stats(vae, shards: list[str], num_frames: int, size: tuple[int, int],
                  batch_size: int = 8, max_samples: int | None = None, seed: int = 0, decoder: str = "auto",
                  progress: bool = False) -> dict:
     """{"latents_mean", "latents_std" ([C] lists), "samples", "values_per_channel", "skipped_by_reason"}."""
-    from dit_video.data.loader import VideoShardDataset
+    from dit_video.data.clips import VideoShardDataset
 
     vae.latent_shape(num_frames, *size)  # raises naming the frame/size rule before any decoding
     dataset = VideoShardDataset(shards, num_frames, fps, size, crop="center", decoder=decoder, shuffle_buffer=0,
@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> dict:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from omegaconf import OmegaConf
 
-    from dit_video.data.loader import resolve_shards
+    from dit_video.data.config import resolve_shards
     from dit_video.encoders.causal_vae import VAE_WEIGHTS_FILE, CausalVideoAutoencoder
     from dit_video.files import sha256_file
     from dit_video.run import build_vae

@@ -267,7 +267,7 @@ class DiTModule(FrozenEncodersMixin, L.LightningModule):
         if aux.get("cond_mask") is not None:  # objective.cond_*: share of latent frames given (no loss on them)
             self.log("train/cond_frames", aux["cond_mask"].float().mean(), batch_size=bs)
         self.log("data/skipped", float(self.skipped_total), batch_size=bs)
-        for reason, n in batch.get("skipped_by_reason", {}).items():  # decode_error, too_short, ... (data/loader.py)
+        for reason, n in batch.get("skipped_by_reason", {}).items():  # decode_error, too_short, ... (data/dataset.py)
             self.skipped_by_reason[reason] = self.skipped_by_reason.get(reason, 0) + int(n)
         for reason, n in self.skipped_by_reason.items():
             self.log(f"data/skipped_{reason}", float(n), batch_size=bs)

@@ -13,7 +13,7 @@ a plain model and a parallelized one.
 Sequence parallelism (`shard_sequence`) is applied before the others. The world is a
 (data-parallel, sequence-parallel) grid in row-major order: ranks sp*d ... sp*d + sp-1 form one
 sequence-parallel group, which reads the batches of data-parallel rank d
-(`dit_video.data.loader.dist_info`, `data_parallel_sampler_kwargs`). Gradients are still averaged over
+(`dit_video.data.dataset.dist_info`, `data_parallel_sampler_kwargs`). Gradients are still averaged over
 all dp x sp ranks (DDP, FSDP2 over the whole world); `gather_sequence`'s backward makes that exact.
 """
 
@@ -227,7 +227,7 @@ def _check_same_inputs(x: torch.Tensor, t: torch.Tensor, group) -> None:
     dist.all_reduce(summary, group=group)
     if not torch.allclose(summary, mine * dist.get_world_size(group), rtol=1e-6):
         raise RuntimeError("the ranks of one sequence-parallel group got different inputs: their data loader must "
-                           "shard by data-parallel rank (dit_video.data.loader.dist_info) and their noise/t RNG "
+                           "shard by data-parallel rank (dit_video.data.dataset.dist_info) and their noise/t RNG "
                            "must agree (dit_video.distributed.share_rng)")
 
 
@@ -349,7 +349,7 @@ def lightning_strategy(cfg: StrategyConfig, micro_batch_size: int, gradient_clip
 def _sequence_parallel(strategy_cls, sequence_parallel_size: int):
     """`strategy_cls` whose DistributedSampler (map-style datasets) gives every rank of a
     sequence-parallel group the same samples; our own loaders read the same numbers via
-    dit_video.data.loader's `_rank_world`."""
+    dit_video.data.datamodule's `_rank_world`."""
 
     class SequenceParallel(strategy_cls):
         @property

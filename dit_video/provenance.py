@@ -48,6 +48,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dit_video.data.decode import decode_frames
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_BLOCKLIST = ROOT / "conf" / "blocklist.txt"
 DEFAULT_KEY = 20240815  # public default watermark key; set your own secret one in deployment
@@ -258,22 +260,6 @@ class Detection:
         return math.exp(-max(self.score, 0.0) ** 2 / 2)
 
 
-def decode_frames(video: str | Path | bytes, max_frames: int | None = None) -> np.ndarray:
-    """All frames (or the first max_frames) of a video file or bytes: uint8 [T, H, W, 3]."""
-    import av
-
-    source = io.BytesIO(video) if isinstance(video, bytes) else str(video)
-    frames = []
-    with av.open(source) as container:
-        for frame in container.decode(video=0):
-            frames.append(frame.to_ndarray(format="rgb24"))
-            if max_frames is not None and len(frames) >= max_frames:
-                break
-    if not frames:
-        raise ValueError(f"detect: no video frames in {video if not isinstance(video, bytes) else 'the bytes'}")
-    return np.stack(frames)
-
-
 def highpass_coefficients(clip: np.ndarray) -> np.ndarray:
     """uint8 [T, H, W, 3] -> temporally high-passed low-frequency luma DCT coefficients
     [T-2, bh, bw]: d_t = c_t - (c_{t-1} + c_{t+1}) / 2, the DC term zeroed."""
@@ -343,7 +329,7 @@ def _main() -> None:
     """Measure false positives (unmarked videos, many keys) and detection after re-encoding."""
     import time
 
-    from dit_video.api import browse_shards
+    from dit_video.data.browse import browse_shards
     from dit_video.data.shards import encode_mp4
 
     start = time.perf_counter()

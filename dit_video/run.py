@@ -121,8 +121,8 @@ def preflight(cfg: DictConfig) -> None:
 
 def data_config_class(cfg: DictConfig):
     """VideoDataConfig for clip shards, LatentDataConfig when cfg.data.kind is 'latents'."""
+    from dit_video.data.config import VideoDataConfig
     from dit_video.data.latents import LatentDataConfig
-    from dit_video.data.loader import VideoDataConfig
 
     kind = cfg.data.get("kind", "clips")  # data configs written before latent caches have no `kind`
     if kind not in ("clips", "latents"):
@@ -133,8 +133,8 @@ def data_config_class(cfg: DictConfig):
 
 
 def build_data(cfg: DictConfig):
+    from dit_video.data.datamodule import VideoDataModule
     from dit_video.data.latents import LatentDataConfig, LatentDataModule
-    from dit_video.data.loader import VideoDataModule
 
     data_cfg = _dataclass_from(data_config_class(cfg), cfg.data, "data")
     try:

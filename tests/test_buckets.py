@@ -13,7 +13,8 @@ import pytest
 from PIL import Image
 
 from dit_video.data.buckets import Bucket, assign_bucket, frames_needed, make_buckets
-from dit_video.data.loader import VideoDataConfig, VideoShardDataset
+from dit_video.data.clips import VideoShardDataset
+from dit_video.data.config import VideoDataConfig
 from dit_video.data.shards import encode_mp4
 from dit_video.data.synthetic import render_clip
 

@@ -20,7 +20,9 @@ import pytest
 import torch
 from tiny_run import TINY_DATA, TINY_DIT, compose_train, tiny_run
 
-from dit_video.data.loader import VideoDataConfig, VideoDataModule, VideoShardDataset
+from dit_video.data.clips import VideoShardDataset
+from dit_video.data.config import VideoDataConfig
+from dit_video.data.datamodule import VideoDataModule
 from dit_video.encoders.base import video_to_clip
 from dit_video.pipeline import Pipeline, read_cond_frames
 
@@ -174,9 +176,9 @@ def cond_files(demo_clip, tmp_path) -> dict:
 def test_sample_cli_conditions_and_records_it(base, cond_files, tmp_path, field, k):
     import json
 
+    from dit_video.data.decode import decode_frames
     from dit_video.data.shards import encode_mp4
     from dit_video.files import sha256_file
-    from dit_video.provenance import decode_frames
 
     ckpt, path, out = base["run"] / "checkpoints" / "last.ckpt", cond_files[field], tmp_path / "out"
     extra = [f"cond_frames={k}"] if field == "cond_video" else []

@@ -16,8 +16,11 @@ import torch
 from torch.utils.data import DataLoader
 
 from data_prep.make_demo import make_demo
+from dit_video.data.clips import VideoShardDataset
+from dit_video.data.config import VideoDataConfig
+from dit_video.data.datamodule import VideoDataModule
 from dit_video.data.decode import SampleError, decode_clip, frame_indices, resize_crop
-from dit_video.data.loader import VideoDataConfig, VideoDataModule, VideoShardDataset, collate_clips
+from dit_video.data.samples import collate_clips
 from dit_video.data.shards import ShardWriter, encode_mp4
 from dit_video.data.synthetic import render_clip
 from dit_video.eval.probe import parse_caption
@@ -235,7 +238,7 @@ def test_loader_resamples_and_resizes(data_demo_dir):
 def test_bad_samples_are_skipped_and_counted(data_bad_shards, caplog):
     shards, good_keys, canary = data_bad_shards
     dataset = VideoShardDataset(shards, T, None, (SIZE, SIZE), infinite=False)
-    with caplog.at_level(logging.WARNING, logger="dit_video.data.loader"):
+    with caplog.at_level(logging.WARNING, logger="dit_video.data.dataset"):
         items = list(dataset)
     assert sorted(it["key"] for it in items) == sorted(good_keys)
     assert sum(it["skipped"] for it in items) == 3
@@ -313,7 +316,7 @@ def test_datamodule(data_demo_dir):
 
 
 def test_a_stream_of_only_bad_shards_fails_loudly(tmp_path, monkeypatch):
-    import dit_video.data.loader as loader
+    import dit_video.data.dataset as loader
 
     monkeypatch.setattr(loader, "MAX_CONSECUTIVE_SKIPS", 20)  # keep the test fast
     (tmp_path / "empty-000000.tar").write_bytes(b"")

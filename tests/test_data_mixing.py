@@ -13,9 +13,10 @@ import pytest
 import torch
 
 from data_prep.make_demo import make_demo
+from dit_video.data.config import VideoDataConfig
+from dit_video.data.datamodule import VideoDataModule
 from dit_video.data.decode import decode_clip
 from dit_video.data.index import MemberReader
-from dit_video.data.loader import VideoDataConfig, VideoDataModule
 from dit_video.data.order import epoch_batches, mix_image_batches
 
 T, SIZE, SOURCE_FRAMES = 5, 16, 9

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from data_prep.make_demo import make_demo
-from dit_video.data.loader import VideoDataConfig, VideoDataModule
+from dit_video.data.config import VideoDataConfig
+from dit_video.data.datamodule import VideoDataModule
 from dit_video.data.order import epoch_batches, steps_per_rank, train_steps
 
 T, SIZE = 5, 16

@@ -13,10 +13,13 @@ import numpy as np
 import pytest
 from torch.utils.data import DataLoader
 
-import dit_video.data.loader as loader_mod
+import dit_video.data.clips as loader_mod
+from dit_video.data.clips import VideoShardDataset
+from dit_video.data.config import VideoDataConfig
+from dit_video.data.datamodule import VideoDataModule
 from dit_video.data.decode import SampleError, TimedCall
 from dit_video.data.index import build_index
-from dit_video.data.loader import VideoDataConfig, VideoDataModule, VideoShardDataset, collate_clips
+from dit_video.data.samples import collate_clips
 from dit_video.data.shards import encode_mp4
 from dit_video.data.synthetic import render_clip
 

@@ -23,7 +23,7 @@ def run(tmp_path_factory):
 
 
 def test_evaluate_writes_json_and_markdown_with_every_metric(run, tmp_path):
-    from dit_video.api import browse_shards
+    from dit_video.data.browse import browse_shards
 
     real = np.stack([s["clip"] for s in browse_shards(f"{run['shards']}/val-*.tar", limit=8)])
     i3d = save_i3d(calibrated_random_i3d(real), tmp_path / "i3d.safetensors")

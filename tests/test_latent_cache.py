@@ -15,8 +15,8 @@ from hydra import compose, initialize_config_dir
 
 from data_prep.encode_latents import encode_latents, load_text_encoder
 from data_prep.make_demo import make_demo
+from dit_video.data.clips import VideoShardDataset
 from dit_video.data.latents import LatentDataConfig, LatentDataModule, LatentShardDataset
-from dit_video.data.loader import VideoShardDataset
 from dit_video.encoders.base import clip_to_video
 from dit_video.encoders.causal_vae import CausalVAE, CausalVAEConfig, load_vae, save_vae
 

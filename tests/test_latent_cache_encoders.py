@@ -20,6 +20,7 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from data_prep.encode_latents import encode_latents, load_text_encoder, main  # noqa: E402
 from data_prep.make_demo import make_demo  # noqa: E402
 from dit_video.data.buckets import Bucket  # noqa: E402
+from dit_video.data.clips import VideoShardDataset  # noqa: E402
 from dit_video.data.latents import (  # noqa: E402
     LatentDataConfig,
     LatentDataModule,
@@ -29,7 +30,6 @@ from dit_video.data.latents import (  # noqa: E402
     cache_dir,
     text_key,
 )
-from dit_video.data.loader import VideoShardDataset  # noqa: E402
 from dit_video.encoders.base import clip_to_video  # noqa: E402
 from dit_video.encoders.causal_vae import CausalVAE, CausalVAEConfig, load_vae, save_vae  # noqa: E402
 from dit_video.encoders.text import HFTextEncoder, minilm_path  # noqa: E402

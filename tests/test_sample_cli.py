@@ -10,8 +10,9 @@ import sys
 import pytest
 from tiny_run import ROOT, tiny_run
 
+from dit_video.data.decode import decode_frames
 from dit_video.files import sha256_file
-from dit_video.provenance import decode_frames, detect, read_metadata
+from dit_video.provenance import detect, read_metadata
 
 
 @pytest.fixture(scope="module")

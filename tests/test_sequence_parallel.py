@@ -104,7 +104,7 @@ def test_data_parallel_rank_of_a_sequence_parallel_grid():
 
 
 def test_loader_dist_info_is_sequence_parallel_aware(monkeypatch):
-    from dit_video.data.loader import dist_info
+    from dit_video.data.dataset import dist_info
 
     monkeypatch.setenv("RANK", "3")
     monkeypatch.setenv("WORLD_SIZE", "4")
@@ -148,7 +148,7 @@ def worker(out: str, overrides: list[str]) -> None:
     from test_resume import LossRecorder
     from torch.utils.data import DataLoader
 
-    from dit_video.data.loader import ResumableDataModule
+    from dit_video.data.datamodule import ResumableDataModule
     from dit_video.run import build_trainer
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):

@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 
 from dit_video.data import decode
+from dit_video.data.config import VideoDataConfig
 from dit_video.data.decode import decode_clip, torchcodec_problem
-from dit_video.data.loader import VideoDataConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 

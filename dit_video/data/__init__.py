@@ -7,8 +7,13 @@
   buckets.py    (num_frames, H, W) buckets with batch sizes from a voxel budget
   packing.py    token-budget packed batches of clips of any bucket (data.packing; DiT.forward_packed)
   decode.py     decode_clip (decord / PyAV), decode_image, resize_crop, TimedCall, SampleError
-  loader.py     VideoDataConfig, VideoShardDataset, collate_clips, VideoDataModule (state_dict:
-                the loader position for checkpoints; its docstring states the resume guarantee)
+  config.py     VideoDataConfig, resolve_shards (shard specs -> local files; URLs refused)
+  samples.py    one sample's members -> caption, metadata, per-key seed; collate_clips
+  dataset.py    PlannedShardDataset: walks the plan over ranks and workers, replaces bad samples
+                (its docstring states the exact-resume guarantee)
+  clips.py      VideoShardDataset, PackedVideoShardDataset: the plan read as clips
+  datamodule.py ResumableDataModule, VideoDataModule (state_dict: the loader position for
+                checkpoints)
   latents.py    LatentDataConfig, LatentShardDataset, LatentDataModule (data=latents)
 """
 
@@ -17,8 +22,8 @@ import importlib
 _EXPORTS = {
     "SampleError": "decode", "decode_clip": "decode", "resize_crop": "decode",
     "ShardWriter": "shards", "encode_mp4": "shards",
-    "VideoDataConfig": "loader", "VideoDataModule": "loader", "VideoShardDataset": "loader",
-    "collate_clips": "loader",
+    "VideoDataConfig": "config", "VideoDataModule": "datamodule", "VideoShardDataset": "clips",
+    "collate_clips": "samples",
     "Bucket": "buckets", "make_buckets": "buckets",
     "LatentDataConfig": "latents", "LatentDataModule": "latents", "LatentShardDataset": "latents",
 }

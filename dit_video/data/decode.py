@@ -1,5 +1,8 @@
 """mp4 bytes -> clip: frame sampling at a target fps, three decoder backends, resize and crop.
 
+decode_frames is the plain whole-video PyAV decode (no sampling, no resize) for browsing shards
+and for reading written samples back (provenance.detect, tests).
+
 Backends: decord (fast random access; its wheel bundles FFmpeg 4.1) and PyAV (always present,
 the reference). "auto" prefers decord and falls back to PyAV when decord is missing or cannot
 open the bytes. The decord reader is created from a BytesIO inside the calling process: a
@@ -15,6 +18,7 @@ from __future__ import annotations
 import functools
 import io
 import math
+from pathlib import Path
 
 import av
 import numpy as np
@@ -211,6 +215,20 @@ def decode_image(data: bytes) -> np.ndarray:
             return np.array(image.convert("RGB"))[None]  # [1, H, W, 3] (a writable copy)
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise SampleError("decode_error", f"image: {type(exc).__name__}: {_first_line(exc)}") from None
+
+
+def decode_frames(video: str | Path | bytes, max_frames: int | None = None) -> np.ndarray:
+    """All frames (or the first max_frames) of a video file or bytes: uint8 [T, H, W, 3]."""
+    source = io.BytesIO(video) if isinstance(video, bytes) else str(video)
+    frames = []
+    with av.open(source) as container:
+        for frame in container.decode(video=0):
+            frames.append(frame.to_ndarray(format="rgb24"))
+            if max_frames is not None and len(frames) >= max_frames:
+                break
+    if not frames:
+        raise ValueError(f"detect: no video frames in {video if not isinstance(video, bytes) else 'the bytes'}")
+    return np.stack(frames)  # [T, H, W, 3]
 
 
 class TimedCall:

@@ -25,7 +25,7 @@ from collections import Counter, OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-logger = logging.getLogger("dit_video.data.loader")  # skips are logged where the loader logs them
+logger = logging.getLogger("dit_video.data.dataset")  # skips are logged where the reader logs them
 
 VIDEO_EXTS = ("mp4", "webm", "mkv", "mov", "avi")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")

@@ -40,15 +40,12 @@ import numpy as np
 import torch
 
 from dit_video.data.buckets import Bucket
+from dit_video.data.config import resolve_shards
+from dit_video.data.datamodule import ResumableDataModule
+from dit_video.data.dataset import PlannedShardDataset, dist_info
 from dit_video.data.decode import SampleError
 from dit_video.data.index import build_index
-from dit_video.data.loader import (
-    PlannedShardDataset,
-    ResumableDataModule,
-    dist_info,
-    read_caption,
-    resolve_shards,
-)
+from dit_video.data.samples import read_caption
 from dit_video.encoders.text import HFTextEncoder, detect_kind
 
 CACHE_FORMAT = "dit-video-latents/1"
@@ -256,7 +253,7 @@ def collate_latents(items: list[dict], null_text_emb: torch.Tensor, null_text_ma
 
 class LatentDataModule(ResumableDataModule):
     """Training (infinite, exact order) and validation loaders over a latent cache; the same
-    state_dict as VideoDataModule (see dit_video/data/loader.py)."""
+    state_dict as VideoDataModule (see dit_video/data/dataset.py)."""
 
     def __init__(self, cfg: LatentDataConfig | Mapping):
         super().__init__()

@@ -68,7 +68,7 @@ def _probe_applies(prompts: list[str]) -> bool:
 
 
 def _real_clips(shards, num: int, num_frames: int) -> np.ndarray:
-    from dit_video.api import browse_shards
+    from dit_video.data.browse import browse_shards
 
     samples = browse_shards(shards, limit=num, num_frames=num_frames)
     clips = [s["clip"] for s in samples if s["clip"] is not None and len(s["clip"]) == num_frames]

@@ -1,0 +1,121 @@
+"""The planned shard reader (dataset.py) over video shards: each sample becomes a clip.
+
+VideoShardDataset reads each sample's video (or, for 1-frame buckets, image) member, samples
+the bucket's frames and crops them; PackedVideoShardDataset reads the same samples but batches
+token-budget packs of clips of any bucket (packing.py) for DiT.forward_packed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from dit_video.data.buckets import Bucket, assign_bucket
+from dit_video.data.config import CROP_MODES, resolve_shards
+from dit_video.data.dataset import PlannedShardDataset
+from dit_video.data.decode import BACKENDS, SampleError, TimedCall, decode_clip, decode_image, resize_crop
+from dit_video.data.index import MemberReader, ShardIndex, build_index
+from dit_video.data.packing import collate_packed, pack_epoch
+from dit_video.data.samples import collate_clips, image_ext_of, read_caption, read_meta, video_ext_of
+
+logger = logging.getLogger(__name__)
+
+
+class VideoShardDataset(PlannedShardDataset):
+    """Yields {"clip": uint8 [T, H, W, 3], "caption": str, "key": str, "skipped": int,
+    "skipped_by_reason": dict[str, int]} from local WebDataset shards ({key}.mp4/.txt/.json,
+    or an image member {key}.jpg/.png/.webp for 1-frame buckets).
+
+    With batched=True it yields collate_clips batches plus "position" (training). Without
+    `buckets`, every clip is (num_frames, size) and the plan's batch size is `batch_size`.
+    """
+
+    def __init__(self, shards: str | Sequence[str], num_frames: int, fps: float | None,
+                 size: tuple[int, int], *, crop: str = "random", decoder: str = "auto",
+                 shuffle_buffer: int = 0, seed: int = 0, infinite: bool = True, batch_size: int = 1,
+                 buckets: Sequence[Bucket] | None = None, decode_timeout: float | None = None,
+                 batched: bool = False, rank: int | None = None, world_size: int | None = None,
+                 start: tuple[int, int] = (0, 0), index: ShardIndex | None = None, image_ratio: float = 0.0,
+                 image_batch_size: int | None = None):
+        urls = resolve_shards(shards)
+        if not urls:
+            raise ValueError(f"shards: no files match {shards!r}")
+        if crop not in CROP_MODES:
+            raise ValueError(f"crop: must be one of {CROP_MODES}, got {crop!r}")
+        if decoder not in BACKENDS:
+            raise ValueError(f"decoder: must be one of {BACKENDS}, got {decoder!r}")
+        self.urls = urls
+        self.num_frames, self.fps, self.size = num_frames, fps, tuple(size)
+        self.crop, self.decoder = crop, decoder
+        self.timed = TimedCall(decode_timeout)
+        if buckets is None:
+            buckets = [Bucket(num_frames, self.size[0], self.size[1], batch_size)]
+        index = index if index is not None else build_index(urls)
+        bucket_of = self._assign(index, buckets, fps) if len(buckets) > 1 else np.zeros(len(index), np.int64)
+        super().__init__(index, bucket_of, buckets, seed=seed, infinite=infinite, shuffle=shuffle_buffer > 0,
+                         batched=batched, rank=rank, world_size=world_size, start=start, image_ratio=image_ratio,
+                         image_batch_size=image_batch_size)
+
+    @staticmethod
+    def _assign(index: ShardIndex, buckets: Sequence[Bucket], fps: float | None) -> np.ndarray:
+        """Bucket per sample from its .json metadata (width, height, frames, fps); -1 = none fits."""
+        out = np.full(len(index), -1, dtype=np.int64)
+        reader = MemberReader(index.shards)
+        for i, ref in enumerate(index.samples):
+            try:
+                meta = read_meta(reader.read(ref, ("json",))) or {}
+                is_image = video_ext_of(ref.members) is None
+                frames = 1 if is_image else int(meta["frames"])
+                out[i] = assign_bucket(buckets, int(meta["width"]), int(meta["height"]), frames,
+                                       float(meta.get("fps") or 1.0), fps, is_image)
+            except (SampleError, KeyError, TypeError, ValueError, OSError) as exn:
+                logger.warning("sample %r has no usable size metadata (%s): left out of the buckets", ref.key, exn)
+        reader.close()
+        missing = int((out < 0).sum())
+        if missing:
+            index.skipped_by_reason["no_bucket"] += missing
+        return out
+
+    def load(self, raw: dict[str, bytes], key: str, bucket: Bucket, rng: np.random.Generator) -> dict:
+        video_ext, image_ext = video_ext_of(raw), image_ext_of(raw)
+        if video_ext is None and image_ext is None:
+            raise SampleError("missing_video", f"no video or image member, has {sorted(raw)}")
+        caption = read_caption(raw)
+        read_meta(raw)
+        if video_ext is not None:
+            clip = self.timed(decode_clip, raw[video_ext], bucket.num_frames, self.fps, rng, self.decoder)
+        else:
+            clip = decode_image(raw[image_ext])  # [1, H, W, 3]
+            if bucket.num_frames != 1:
+                raise SampleError("too_short", f"an image is one frame, the clip needs {bucket.num_frames}")
+        clip = resize_crop(clip, (bucket.height, bucket.width), mode=self.crop, rng=rng)  # [T, H, W, 3]
+        return {"clip": torch.from_numpy(np.ascontiguousarray(clip)), "caption": caption, "key": key}
+
+    def collate(self, items: list[dict]) -> dict:
+        return collate_clips(items)
+
+
+class PackedVideoShardDataset(VideoShardDataset):
+    """Training batches that are token-budget packs of clips of any bucket (data/packing.py):
+    same reading, replacement and resume as VideoShardDataset; only the plan and the collate differ.
+
+    tokens[b]: DiT tokens of a clip of bucket b (packing.bucket_tokens). Each clip is read at its
+    own bucket's shape; a batch's "clip" is a list of uint8 [T_i, H_i, W_i, 3].
+    """
+
+    def __init__(self, *args, tokens: Sequence[int], max_tokens: int, open_packs: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.tokens, self.max_tokens, self.open_packs = list(tokens), int(max_tokens), int(open_packs)
+
+    def epoch_plan(self, epoch: int) -> list[np.ndarray]:
+        return pack_epoch(self.bucket_of, self.tokens, self.max_tokens, self.open_packs, self.seed, epoch)
+
+    def epoch_plan_shapes(self, epoch: int) -> tuple[list[np.ndarray], list[None]]:
+        packs = self.epoch_plan(epoch)
+        return packs, [None] * len(packs)  # None: each sample at its own bucket's shape
+
+    def collate(self, items: list[dict]) -> dict:
+        return collate_packed(items)
