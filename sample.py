@@ -13,11 +13,13 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from dit_video.api import config_hash, resolve_checkpoint, sample_identity
+from dit_video.checkpoint.paths import resolve_checkpoint
+from dit_video.errors import CheckpointError, PromptRefused
 from dit_video.files import sha256_file
+from dit_video.identity import config_hash, sample_identity
 from dit_video.media import write_samples
-from dit_video.pipeline import CheckpointError, Pipeline, read_cond_frames
-from dit_video.provenance import PromptRefused, ProvenanceConfig, check_prompts
+from dit_video.pipeline import Pipeline, read_cond_frames
+from dit_video.provenance import ProvenanceConfig, check_prompts
 
 
 def read_prompts(cfg: DictConfig) -> list[str]:

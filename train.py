@@ -5,7 +5,8 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from dit_video.run import ConfigError, train
+from dit_video.errors import ConfigError
+from dit_video.run import train
 
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")

@@ -56,11 +56,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from data_prep.encode_latents import encode_latents, load_text_encoder  # noqa: E402
 from dit_video.data.config import VideoDataConfig, resolve_shards  # noqa: E402
 from dit_video.data.datamodule import VideoDataModule  # noqa: E402
 from dit_video.data.decode import TimedCall, decode_clip, frame_indices, torchcodec_problem  # noqa: E402
 from dit_video.data.index import MemberReader, build_index  # noqa: E402
+from dit_video.data.latents import LatentDataConfig, LatentDataModule  # noqa: E402
 from dit_video.data.samples import key_seed  # noqa: E402
+from dit_video.encoders.causal_vae import CausalVAE, CausalVAEConfig, load_vae, save_vae  # noqa: E402
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
@@ -159,10 +162,6 @@ def main(argv: list[str] | None = None) -> dict:
     shards = resolve_shards(args.shards)
     if not shards:
         parser.error(f"--shards: no files match {args.shards!r} (python -m data_prep.make_demo --out data/demo)")
-
-    from data_prep.encode_latents import encode_latents, load_text_encoder
-    from dit_video.data.latents import LatentDataConfig, LatentDataModule
-    from dit_video.encoders.causal_vae import CausalVAE, CausalVAEConfig, load_vae, save_vae
 
     def clip_module(workers: int) -> VideoDataModule:
         cfg = VideoDataConfig(shards=shards, val_shards=None, num_frames=args.num_frames, fps=args.fps,

@@ -39,7 +39,10 @@ from collections import Counter
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
+from data_prep.latent_stats import load_vae_node
+from dit_video.build import build_vae
 from dit_video.data.buckets import Bucket
 from dit_video.data.clips import VideoShardDataset
 from dit_video.data.config import resolve_shards
@@ -53,6 +56,9 @@ from dit_video.data.latents import (
     vae_key,
 )
 from dit_video.encoders.base import clip_to_video
+from dit_video.encoders.causal_vae import load_vae
+from dit_video.encoders.text import HFTextEncoder
+from dit_video.encoders.text_concat import build_text_encoder
 
 _MTIME = 1_700_000_000
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -167,12 +173,6 @@ def load_text_encoder(spec: str, max_length: int | None, dtype: str | None):
     """`spec` = a conf/text_encoder/*.yaml name (e.g. minilm: the identity training will check) or a
     local Hugging Face model folder. --text-max-length/--text-dtype override a single encoder's
     fields (a concatenated config is used as written)."""
-    from omegaconf import OmegaConf
-
-    import dit_video.run  # noqa: F401  (registers ${minilm_path:})
-    from dit_video.encoders.text import HFTextEncoder
-    from dit_video.encoders.text_concat import build_text_encoder
-
     conf = Path(__file__).resolve().parents[1] / "conf" / "text_encoder" / f"{spec}.yaml"
     if conf.is_file():
         node = OmegaConf.to_container(OmegaConf.load(conf), resolve=True)
@@ -188,14 +188,7 @@ def build_vae_from_args(vae_dir: str | None, vae_config: str | None, overrides: 
     """The frozen VAE a training run with the same vae config would build: our causal VAE from
     `vae_dir`, or conf/vae `vae_config` + `vae.FIELD=VALUE` overrides through dit_video.run.build_vae
     (causal or any diffusers adapter), so the cache key is the identity() training checks."""
-    from omegaconf import OmegaConf
-
-    from data_prep.latent_stats import load_vae_node
-    from dit_video.run import build_vae
-
     if vae_dir is not None:
-        from dit_video.encoders.causal_vae import load_vae
-
         return load_vae(vae_dir)
     return build_vae(OmegaConf.create({"vae": load_vae_node(vae_config, overrides)}))
 

@@ -28,8 +28,14 @@ from collections import Counter
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
+from dit_video.build import build_vae
+from dit_video.data.clips import VideoShardDataset
+from dit_video.data.config import resolve_shards
 from dit_video.encoders.base import clip_to_video
+from dit_video.encoders.causal_vae import VAE_WEIGHTS_FILE, CausalVideoAutoencoder, save_vae
+from dit_video.files import sha256_file
 
 STATS_FORMAT = "dit_video.latent_stats/1"
 CONF_VAE = Path(__file__).resolve().parents[1] / "conf" / "vae"
@@ -42,7 +48,6 @@ class ChannelStats:
     sum(x^2)/n - mean^2 cancels catastrophically when |mean| >> std, which raw latents can have
     (SD's latents have means of several std).
     """
-
     def __init__(self, channels: int):
         self.count = 0  # values seen per channel
         self.mean = torch.zeros(channels, dtype=torch.float64)  # [C]
@@ -82,8 +87,6 @@ def latent_stats(vae, shards: list[str], num_frames: int, size: tuple[int, int],
                  batch_size: int = 8, max_samples: int | None = None, seed: int = 0, decoder: str = "auto",
                  progress: bool = False) -> dict:
     """{"latents_mean", "latents_std" ([C] lists), "samples", "values_per_channel", "skipped_by_reason"}."""
-    from dit_video.data.clips import VideoShardDataset
-
     vae.latent_shape(num_frames, *size)  # raises naming the frame/size rule before any decoding
     dataset = VideoShardDataset(shards, num_frames, fps, size, crop="center", decoder=decoder, shuffle_buffer=0,
                                 seed=seed, infinite=False, batch_size=batch_size, batched=True, rank=0,
@@ -124,10 +127,6 @@ def latent_stats(vae, shards: list[str], num_frames: int, size: tuple[int, int],
 
 def load_vae_node(spec: str, overrides: list[str]) -> dict:
     """A conf/vae YAML (path or name) with `vae.FIELD=VALUE` overrides applied, resolved."""
-    from omegaconf import OmegaConf
-
-    import dit_video.run  # noqa: F401  (registers the config resolvers)
-
     path = Path(spec)
     if not path.is_file():
         path = CONF_VAE / f"{spec.removesuffix('.yaml')}.yaml"
@@ -154,8 +153,6 @@ def yaml_snippet(stats: dict) -> str:
 
 def write_into_causal_vae(vae, stats: dict) -> Path:
     """Rewrite a CausalVAE's vae.safetensors with shift = mean, scale = 1/std; returns its folder."""
-    from dit_video.encoders.causal_vae import save_vae
-
     folder = Path(vae.weights_path).parent
     mean = torch.tensor(stats["latents_mean"], dtype=torch.float32)
     std = torch.tensor(stats["latents_std"], dtype=torch.float32)
@@ -179,13 +176,6 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--no-write", action="store_true", help="causal VAE: only write --out, not vae.safetensors")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from omegaconf import OmegaConf
-
-    from dit_video.data.config import resolve_shards
-    from dit_video.encoders.causal_vae import VAE_WEIGHTS_FILE, CausalVideoAutoencoder
-    from dit_video.files import sha256_file
-    from dit_video.run import build_vae
-
     if args.max_samples is not None and args.max_samples < 1:
         parser.error(f"--max-samples={args.max_samples}: must be >= 1")
     try:

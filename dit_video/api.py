@@ -8,23 +8,28 @@
     api.show(clips)                                      # inline animation (marked as AI-generated)
     for sample in api.browse_shards("data/demo/val-*.tar", limit=8): ...
 
-Everything here is a thin layer over the modules that do the work (pipeline, media, eval,
-provenance); notebooks call this, never copy code.
+Everything here is a thin layer over the modules that do the work (pipeline, media, metrics,
+provenance, data.browse); notebooks call this, never copy code. Nothing of ours imports this module.
 """
 
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
-import os
 import tempfile
 from pathlib import Path
 
 import numpy as np
+import yaml
 
+from dit_video.checkpoint.paths import resolve_checkpoint
 from dit_video.data.browse import browse_shards, shard_stats
-from dit_video.pipeline import CheckpointError, Pipeline
+from dit_video.identity import config_hash, environment_info, sample_identity, write_environment
+from dit_video.media import write_gif
+from dit_video.metrics.probe import caption_faithfulness
+from dit_video.pipeline import Pipeline
+from dit_video.plots import read_metrics
+from dit_video.provenance import ProvenanceConfig, check_prompts, mark_clips
 
 __all__ = [
     "Run", "resolve_checkpoint", "load_pipeline", "generate", "sample_identity", "config_hash", "show",
@@ -35,48 +40,15 @@ __all__ = [
 # ----------------------------------------------------------------------------- checkpoints and runs
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint file or DCP folder (FSDP2), or a run directory -> its checkpoints/last.ckpt."""
-    path = Path(path)
-    if path.is_dir() and not (path / ".metadata").is_file():
-        last = path / "checkpoints" / "last.ckpt"
-        if not last.exists():  # a file, or a link to a DCP folder
-            raise CheckpointError(f"run directory '{path}' has no checkpoints/last.ckpt (is it a DiT run?)")
-        return last
-    return path
-
-
 def load_pipeline(path: str | Path, weights: str = "ema") -> Pipeline:
     """A sampling pipeline from a checkpoint file or run directory; weights "ema" or "raw"."""
     return Pipeline.from_checkpoint(resolve_checkpoint(path), weights=weights)
-
-
-def config_hash(config: dict) -> str:
-    """sha256 of a config as canonical JSON (sorted keys): equal configs, equal hashes."""
-    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def sample_identity(ckpt: str | Path, meta: dict, weights: str) -> dict:
-    """Who made a sample: model, checkpoint file + sha256, training-config hash, weights, commit."""
-    from dit_video.checkpoint import checkpoint_sha256
-
-    d = meta["dit_config"]
-    return {
-        "model": f"DiT depth={d['depth']} hidden={d['hidden_size']} patch={list(d['patch_size'])}",
-        "checkpoint": str(ckpt),
-        "checkpoint_sha256": checkpoint_sha256(ckpt),
-        "config_sha256": config_hash(meta["config"]),
-        "weights": weights,
-        "git_commit": meta.get("git_commit"),
-    }
 
 
 def generate(pipe: Pipeline, prompts: list[str], seeds: list[int] | None = None, *,
              prompt_filter: bool = True, **sampling) -> np.ndarray:
     """pipe.generate after the prompt filter (conf/blocklist.txt): uint8 [N, T, H, W, 3]."""
     if prompt_filter:
-        from dit_video.provenance import check_prompts
-
         check_prompts(list(prompts))
     return pipe.generate(list(prompts), seeds, **sampling)
 
@@ -101,8 +73,6 @@ class Run:
     @property
     def config(self) -> dict:
         """The resolved config the run was started with."""
-        import yaml
-
         return yaml.safe_load((self.dir / "config.yaml").read_text())
 
     @property
@@ -118,7 +88,6 @@ class Run:
         path = self.dir / "metrics.csv"
         if not path.is_file():
             raise FileNotFoundError(f"'{path}' does not exist (runs log with logger=csv)")
-        from dit_video.plots import read_metrics
 
         return read_metrics(path)
 
@@ -155,49 +124,6 @@ class Run:
         return fig
 
 
-# ----------------------------------------------------------------------------- run environment
-
-
-def environment_info() -> dict:
-    """What produced a run: git commit (and whether the tree was dirty), command line, Python,
-    platform, CPU/GPU, thread count and the versions of every installed distribution."""
-    import platform
-    import subprocess
-    import sys
-    from importlib import metadata
-
-    import torch
-
-    def git(*args: str) -> str | None:
-        try:
-            out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=5, check=False,
-                                 cwd=Path(__file__).resolve().parent)
-        except (OSError, subprocess.TimeoutExpired):
-            return None
-        return out.stdout.strip() if out.returncode == 0 else None
-
-    status = git("status", "--porcelain", "--untracked-files=no")
-    return {
-        "git_commit": git("rev-parse", "HEAD"),
-        "git_dirty": None if status is None else bool(status),
-        "argv": list(sys.argv),
-        "python": sys.version.split()[0],
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "cuda_devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
-        "packages": dict(sorted((d.metadata["Name"], d.version) for d in metadata.distributions()
-                                if d.metadata["Name"])),
-    }
-
-
-def write_environment(run_dir: str | Path) -> Path:
-    """<run_dir>/environment.json from `environment_info()`."""
-    path = Path(run_dir) / "environment.json"
-    path.write_text(json.dumps(environment_info(), indent=1))
-    return path
-
-
 # ----------------------------------------------------------------------------- showing clips
 
 
@@ -206,8 +132,6 @@ def show(clips: np.ndarray, fps: float = 8.0, scale: int = 4, provenance: bool =
     with the visible label and watermark unless provenance=False."""
     from IPython.display import HTML
 
-    from dit_video.media import write_gif
-    from dit_video.provenance import ProvenanceConfig, mark_clips
 
     clips = np.asarray(clips)
     if provenance:
@@ -223,7 +147,6 @@ def show(clips: np.ndarray, fps: float = 8.0, scale: int = 4, provenance: bool =
 
 def evaluate_clips(clips: np.ndarray, captions: list[str], probe: bool = True) -> dict:
     """Metrics of generated clips that need no extra weights: the demo caption probe."""
-    from dit_video.eval.probe import caption_faithfulness
 
     out = {}
     if probe:

@@ -28,10 +28,18 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from dit_video.checkpoint import StepCheckpoint
+from dit_video.checkpoint.save import StepCheckpoint
+from dit_video.errors import TrainingDiverged
 
 log = logging.getLogger("dit_video")
 
+
+
+def log_scalars(trainer, metrics: dict[str, float]) -> None:
+    """Log metrics at the current global step from a callback, on rank 0 only (they are
+    already reduced over ranks; every logger of the trainer gets them)."""
+    if trainer.is_global_zero and trainer.logger is not None:
+        trainer.logger.log_metrics(metrics, step=trainer.global_step)
 
 # ----------------------------------------------------------------------------- preemption
 
@@ -111,10 +119,6 @@ def _signum(name) -> int:
 
 
 # ----------------------------------------------------------------------------- non-finite guard
-
-
-class TrainingDiverged(RuntimeError):
-    """Too many non-finite steps: the message names the last good checkpoint to restart from."""
 
 
 class NonFiniteGuard(Callback):

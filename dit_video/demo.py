@@ -15,6 +15,10 @@ import sys
 import time
 from pathlib import Path
 
+from dit_video.media import write_samples
+from dit_video.metrics.probe import caption_faithfulness, probe_prompts
+from dit_video.pipeline import Pipeline
+
 MARKER = ".dit_video_demo"  # only folders carrying this marker are ever cleared by the demo
 
 
@@ -23,18 +27,6 @@ def run(cmd: list[str]) -> float:
     start = time.perf_counter()
     subprocess.run(cmd, check=True)
     return time.perf_counter() - start
-
-
-def probe_prompts(seeds_per_prompt: int) -> tuple[list[str], list[int]]:
-    """Every colour x direction once per seed, shapes cycling, so the score covers the vocabulary."""
-    from dit_video.data.synthetic import COLOURS, DIRECTIONS, SHAPES, caption_for
-
-    prompts, seeds = [], []
-    for s in range(seeds_per_prompt):
-        for i, (colour, direction) in enumerate((c, d) for c in COLOURS for d in DIRECTIONS):
-            prompts.append(caption_for(colour, SHAPES[(i + s) % len(SHAPES)], direction))
-            seeds.append(1000 * s + i)
-    return prompts, seeds
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,9 +56,6 @@ def main(argv: list[str] | None = None) -> int:
     times["dit"] = run([py, "train.py", "+experiment=demo", f"hydra.run.dir={out}/dit", f"vae.path={out}/vae",
                         *shards, *args.overrides])
 
-    from dit_video.eval.probe import caption_faithfulness
-    from dit_video.media import write_samples
-    from dit_video.pipeline import Pipeline
 
     t0 = time.perf_counter()
     ckpt = out / "dit" / "checkpoints" / "last.ckpt"

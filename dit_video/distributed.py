@@ -36,6 +36,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from dit_video.model.attention import attention
+
 
 def _all_to_all(x: torch.Tensor, group) -> torch.Tensor:
     """x [P, ...]: chunk j goes to rank j; returns [P, ...] with chunk i from rank i."""
@@ -104,7 +106,6 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group=N
     mask: optional key mask broadcastable to [B, 1, 1, N] over the whole sequence.
     Returns [B, H, N/P, hd] for this rank's tokens. P must divide H.
     """
-    from dit_video.model.attention import attention
 
     P = dist.get_world_size(group)
     if q.shape[1] % P:
@@ -113,6 +114,13 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group=N
     out = attention(q, k, v, mask=mask, backend=backend)  # [B, H/P, N, hd]
     return heads_to_seq(out, group)  # [B, H, N/P, hd]
 
+
+
+def rank_and_world() -> tuple[int, int]:
+    """(rank, world size) of the default process group; (0, 1) without torch.distributed."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
 
 # ----------------------------------------------------------------------------- the token split
 

@@ -1,4 +1,4 @@
-"""Small file utilities: hashing and atomic writes; imports nothing of ours."""
+"""Small file utilities: hashing, atomic writes and fsync; imports nothing of ours."""
 
 from __future__ import annotations
 
@@ -26,3 +26,39 @@ def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file, or a folder's entries and every file below it, to stable storage."""
+    if path.is_dir():
+        for child in sorted(path.rglob("*")):
+            if child.is_file():
+                _fsync_fd(child, os.O_RDONLY)
+        for folder in sorted({p.parent for p in path.rglob("*")} | {path}):
+            _fsync_fd(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    else:
+        _fsync_fd(path, os.O_RDONLY)
+
+
+def _fsync_fd(path: Path, flags: int) -> None:
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a rename inside `folder` durable (the rename is only recorded in the folder's entry)."""
+    _fsync_fd(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Replace `path` with `text` so readers see the old or the new content, never a mix."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)

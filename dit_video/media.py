@@ -10,6 +10,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from dit_video.data.shards import encode_mp4
+from dit_video.provenance import ProvenanceConfig, add_metadata, container_metadata, mark_clips
+
 
 def slug(text: str, max_len: int = 48) -> str:
     return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:max_len] or "empty"
@@ -50,8 +53,6 @@ def write_samples(clips: np.ndarray, prompts: list[str], seeds: list[int], out_d
     """
     from PIL.PngImagePlugin import PngInfo
 
-    from dit_video.data.shards import encode_mp4
-    from dit_video.provenance import ProvenanceConfig, add_metadata, container_metadata, mark_clips
 
     cfg = provenance if provenance is not None else ProvenanceConfig()
     identity = dict(identity or {})

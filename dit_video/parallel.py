@@ -25,6 +25,10 @@ from functools import partial
 import torch
 from torch import nn
 
+from dit_video.distributed import gather_sequence, ring_attention, ulysses_attention
+from dit_video.model.attention import attention as full_attention
+from dit_video.model.blocks import SelfAttention
+
 SP_ATTENTIONS = ("ulysses", "ring")  # dit_video/distributed.py: ulysses_attention, ring_attention
 
 
@@ -107,7 +111,6 @@ def parallelize_dit_module(module: nn.Module, cfg: ParallelConfig, mesh=None):
     if cfg.deepspeed_zero3:
         from deepspeed.utils import set_z3_leaf_modules
 
-        from dit_video.model.blocks import SelfAttention
 
         for net in (module.dit, module.ema):
             set_z3_leaf_modules(net, [SelfAttention], raise_if_not_found=False)  # MMDiT blocks have none
@@ -157,8 +160,6 @@ def shard_sequence(dit: nn.Module, group, attention: str = "ulysses") -> nn.Modu
     """
     import torch.distributed as dist
 
-    from dit_video.distributed import gather_sequence, ring_attention, ulysses_attention
-    from dit_video.model.attention import attention as full_attention
 
     if attention not in SP_ATTENTIONS:
         raise ValueError(f"strategy.sp_attention={attention!r}: use one of {', '.join(SP_ATTENTIONS)}")

@@ -12,51 +12,28 @@ them from an image or video file).
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
+import av
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 
+from dit_video.build import build_objective_from, build_text_encoder, build_vae
+from dit_video.checkpoint.load import load_checkpoint
+from dit_video.data.decode import decode_image, frame_indices, resize_crop
 from dit_video.diffusion import sample
 from dit_video.encoders.base import clip_to_video, video_to_clip
+from dit_video.errors import SampleError
+from dit_video.model import DiT, DiTConfig
 
 COND_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint cannot be used; the message names the file and what is wrong."""
-
-
-def load_checkpoint(path: str | Path) -> dict:
-    """Load a Lightning checkpoint written by dit-video, never unpickling arbitrary objects: a
-    file, or a DCP folder written by FSDP2 at any world size (read whole on this process)."""
-    path = Path(path)
-    if path.is_dir() and (path / ".metadata").is_file():
-        from dit_video.checkpoint import load_training_checkpoint
-
-        ckpt = load_training_checkpoint(path, sections=["state_dict"])  # weights and meta, no optimizer state
-    elif not path.is_file():
-        raise CheckpointError(f"checkpoint '{path}' does not exist (look in <run_dir>/checkpoints/)")
-    else:
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # never fall back to full unpickling
-            raise CheckpointError(
-                f"checkpoint '{path}' cannot be loaded safely (weights_only=True): {str(err).splitlines()[0]}"
-            ) from None
-    if "dit_video" not in ckpt or "state_dict" not in ckpt:
-        raise CheckpointError(f"checkpoint '{path}' was not written by dit-video's DiT training")
-    return ckpt
 
 
 def read_cond_frames(path: str | Path, num_frames: int, fps: float | None, size: tuple[int, int],
                      field: str = "cond_video") -> np.ndarray:
     """The first `num_frames` frames of a video file sampled at `fps` from frame 0 (an image file:
     its one frame), resized and centre-cropped to size = (H, W) as the loader does: uint8 [F, H, W, 3]."""
-    import av
-
-    from dit_video.data.decode import SampleError, decode_image, frame_indices, resize_crop
 
     path = Path(path)
     if not path.is_file():
@@ -105,14 +82,6 @@ def autocast_dtype(device: torch.device, bf16_supported: bool | None = None) -> 
     return None
 
 
-def _dit_config(values: dict):
-    from dit_video.model import DiTConfig
-
-    fields = {f.name: f for f in dataclasses.fields(DiTConfig)}
-    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in fields}
-    return DiTConfig(**kwargs)
-
-
 class Pipeline:
     """A trained DiT with its frozen VAE and text encoder, ready to sample."""
 
@@ -142,16 +111,12 @@ class Pipeline:
                         dtype: torch.dtype | None = None) -> Pipeline:
         """A pipeline from a checkpoint file or a DCP checkpoint folder (FSDP2, any world size), on
         `device` (None/"auto" = cuda if available, else cpu) with weights in `dtype` (None = float32)."""
-        from omegaconf import OmegaConf
-
-        from dit_video.model import DiT
-        from dit_video.run import build_objective_from, build_text_encoder, build_vae
 
         if weights not in ("ema", "raw"):
             raise ValueError(f"weights={weights!r}: use 'ema' or 'raw'")
         ckpt = load_checkpoint(path)
         meta = ckpt["dit_video"]
-        dit = DiT(_dit_config(meta["dit_config"]))
+        dit = DiT(DiTConfig.from_dict(meta["dit_config"]))
         prefix = "ema." if weights == "ema" else "dit."
         state = {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
         dit.load_state_dict(state)

@@ -3,7 +3,7 @@
     python -m dit_video.preflight +experiment=dit_256 [--bucket 65x256x256 ...] [--text-dim 4096]
 
 Composes the experiment exactly as train.py does (conf/ + Hydra overrides), builds the DiTConfig
-with `dit_video.run.build_dit_config`, counts parameters on the meta device (no memory), and
+with `dit_video.build.build_dit_config`, counts parameters on the meta device (no memory), and
 prints per bucket (frames x H x W of the clips; default: the data config's size):
 tokens per sample, training FLOPs per step (dit_video.model.flops), and estimated memory per GPU
 for DDP / ZeRO-2 / ZeRO-3 / FSDP, with and without per-block activation checkpointing.
@@ -34,6 +34,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from dit_video.build import build_dit_config
+from dit_video.model import DiT
+from dit_video.model.flops import dit_flops
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 # The text encoders the configs name (conf/text_encoder/*.yaml give name and max_length, not width).
@@ -103,9 +107,6 @@ def main(argv: list[str] | None = None) -> None:
 
     from hydra import compose, initialize_config_dir
 
-    from dit_video.model import DiT
-    from dit_video.model.flops import dit_flops
-    from dit_video.run import build_dit_config
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("train", overrides=list(args.overrides))

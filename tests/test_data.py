@@ -19,11 +19,12 @@ from data_prep.make_demo import make_demo
 from dit_video.data.clips import VideoShardDataset
 from dit_video.data.config import VideoDataConfig
 from dit_video.data.datamodule import VideoDataModule
-from dit_video.data.decode import SampleError, decode_clip, frame_indices, resize_crop
+from dit_video.data.decode import decode_clip, frame_indices, resize_crop
 from dit_video.data.samples import collate_clips
 from dit_video.data.shards import ShardWriter, encode_mp4
 from dit_video.data.synthetic import render_clip
-from dit_video.eval.probe import parse_caption
+from dit_video.errors import SampleError
+from dit_video.metrics.probe import parse_caption
 
 T, SIZE, FPS = 17, 32, 8.0
 

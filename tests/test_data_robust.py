@@ -17,11 +17,12 @@ import dit_video.data.clips as loader_mod
 from dit_video.data.clips import VideoShardDataset
 from dit_video.data.config import VideoDataConfig
 from dit_video.data.datamodule import VideoDataModule
-from dit_video.data.decode import SampleError, TimedCall
+from dit_video.data.decode import TimedCall
 from dit_video.data.index import build_index
 from dit_video.data.samples import collate_clips
 from dit_video.data.shards import encode_mp4
 from dit_video.data.synthetic import render_clip
+from dit_video.errors import SampleError
 
 T, SIZE, FPS = 9, 16, 8.0
 

@@ -44,9 +44,10 @@ def make_module(cfg):
 
     from torch import nn
 
+    from dit_video.build import build_dit_config, build_objective_from, build_parallel
+    from dit_video.build import dataclass_from as _dataclass_from
     from dit_video.lit_module import DiTModule, OptimConfig
     from dit_video.model import DiT
-    from dit_video.run import _dataclass_from, build_dit_config, build_objective_from, build_parallel
 
     class FixedNoiseDiT(DiTModule):
         """DiTModule whose batch is a list of sample ids: data = f(id), noise and t = f(step, id)."""
@@ -85,7 +86,7 @@ def worker(out: str, overrides: list[str]) -> None:
     from test_resume import LossRecorder
     from torch.utils.data import DataLoader
 
-    from dit_video.checkpoint import resolve_ckpt_path
+    from dit_video.checkpoint.paths import resolve_ckpt_path
     from dit_video.run import build_trainer
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
@@ -143,7 +144,8 @@ def test_ddp_two_processes_match_single_process(single, tmp_path):
 
 
 def test_fsdp2_two_processes_match_single_process_and_reload_sharded_at_world_size_1(single, tmp_path):
-    from dit_video.checkpoint import export_ema, load_exported, load_training_checkpoint
+    from dit_video.checkpoint.export import export_ema, load_exported
+    from dit_video.checkpoint.load import load_training_checkpoint
 
     reference, single_dir = single
     run2 = tmp_path / "ws2"

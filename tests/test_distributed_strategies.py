@@ -10,8 +10,10 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
+from dit_video.build import build_parallel
+from dit_video.errors import ConfigError
 from dit_video.parallel import ParallelConfig, StrategyConfig, parallelize
-from dit_video.run import ConfigError, build_parallel, build_strategy
+from dit_video.run import build_strategy
 
 ROOT = Path(__file__).resolve().parents[1]
 STRATEGIES = sorted(p.stem for p in (ROOT / "conf" / "strategy").glob("*.yaml"))

@@ -72,8 +72,8 @@ def _saved_vae(root: Path) -> Path:
 
 def _identities(rank: int, vae_dir: str, cache: str, queue) -> None:
     import dit_video.distributed
+    from dit_video.build import encoder_identities
     from dit_video.encoders import HFTextEncoder, load_vae, minilm_path
-    from dit_video.run import encoder_identities
 
     dit_video.distributed.NODE_CACHE = Path(cache)  # this test's "node", not the machine's /tmp one
     torch.set_num_threads(1)

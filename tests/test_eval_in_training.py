@@ -11,7 +11,8 @@ import pytest
 import torch
 from tiny_run import TINY_DATA, TINY_DIT, compose_train, distributed_sampling_worker, tiny_run
 
-from dit_video.eval.in_training import PEAK_TFLOPS_BF16, measure_cpu_matmul_tflops, peak_tflops, rank_share
+from dit_video.eval.samples import rank_share
+from dit_video.eval.throughput import PEAK_TFLOPS_BF16, measure_cpu_matmul_tflops, peak_tflops
 from dit_video.plots import read_metric
 from dit_video.provenance import detect
 
@@ -89,7 +90,7 @@ def test_throughput_counts_each_batch_at_its_real_shapes():
     run's nominal clip size (an image batch counted at video FLOPs would inflate MFU)."""
     import types
 
-    from dit_video.eval.in_training import Throughput, ThroughputConfig
+    from dit_video.eval.throughput import Throughput, ThroughputConfig
     from dit_video.model import DiTConfig
     from dit_video.model.flops import dit_flops
 

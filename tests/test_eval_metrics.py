@@ -9,8 +9,8 @@ import torch
 from tiny_run import calibrated_random_i3d, save_tiny_clip
 
 from dit_video.data.synthetic import all_combinations, caption_for, render_clip
-from dit_video.eval.frechet import frechet_distance, frechet_distance_features, gaussian_stats
-from dit_video.eval.fvd import I3D, fvd, i3d_features, load_i3d, save_i3d
+from dit_video.metrics.frechet import frechet_distance, frechet_distance_features, gaussian_stats
+from dit_video.metrics.fvd import I3D, fvd, i3d_features, load_i3d, save_i3d
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -110,7 +110,7 @@ def tiny_clip_dir(tmp_path_factory):
 def test_clipscore_per_frame_matches_a_direct_computation(tiny_clip_dir, demo_clips):
     from transformers import CLIPModel
 
-    from dit_video.eval.clipscore import CLIPScorer, clipscore
+    from dit_video.metrics.clipscore import CLIPScorer, clipscore
 
     clips, captions = demo_clips
     result = clipscore(clips[:3], captions[:3], tiny_clip_dir)

@@ -14,7 +14,7 @@ import torch
 from tiny_run import ROOT, calibrated_random_i3d, save_tiny_clip, tiny_run
 
 from dit_video.eval.evaluate import EvalConfig, evaluate, main
-from dit_video.eval.fvd import save_i3d
+from dit_video.metrics.fvd import save_i3d
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,10 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 from torch.utils.data import DataLoader
 
-from dit_video.callbacks import NonFiniteGuard, TrainingDiverged
-from dit_video.checkpoint import SafeCheckpointIO, StepCheckpoint, checkpoint_name
+from dit_video.callbacks import NonFiniteGuard
+from dit_video.checkpoint.paths import checkpoint_name
+from dit_video.checkpoint.save import SafeCheckpointIO, StepCheckpoint
+from dit_video.errors import TrainingDiverged
 
 
 class _InfGrad(torch.autograd.Function):

@@ -121,8 +121,9 @@ def _compose(*overrides):
 
 
 def test_train_with_data_latents_and_refusal_through_run(world, tmp_path):
+    from dit_video.errors import ConfigError
     from dit_video.plots import read_metric
-    from dit_video.run import ConfigError, train
+    from dit_video.run import train
 
     common = ["+experiment=demo", "data=latents", f"data.cache={world['cache']}", "data.batch_size=4",
               "data.num_workers=0", "model.depth=2", "model.hidden_size=32", "model.num_heads=2",

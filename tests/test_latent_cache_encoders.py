@@ -99,8 +99,10 @@ def _compose(*overrides):
 
 
 def test_encode_latents_with_a_diffusers_vae_config_and_train_on_it(world, tmp_path):
+    from dit_video.build import build_vae
+    from dit_video.errors import ConfigError
     from dit_video.plots import read_metric
-    from dit_video.run import ConfigError, build_vae, train
+    from dit_video.run import train
 
     wan = _tiny_wan(tmp_path / "wan", seed=0)
     vae_args = ["vae=wan", f"vae.path={wan}", f"vae.latent_channels={C}"]

@@ -110,7 +110,7 @@ def test_adapter_gets_a_yaml_snippet_that_normalises_it(shards, tmp_path, capsys
     diffusers = pytest.importorskip("diffusers")
     from omegaconf import OmegaConf
 
-    from dit_video.run import build_vae
+    from dit_video.build import build_vae
 
     torch.manual_seed(0)
     model = diffusers.AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 1, 1], num_res_blocks=1,

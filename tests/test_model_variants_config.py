@@ -12,8 +12,8 @@ from omegaconf import OmegaConf
 from test_model import tiny_config  # the same tiny sizes as the base model's tests
 from test_model_variants import VARIANTS
 
+from dit_video.build import build_dit_config
 from dit_video.model import DiT
-from dit_video.run import build_dit_config
 
 # ---------------------------------------------------------------- config and compatibility
 

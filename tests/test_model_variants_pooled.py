@@ -9,13 +9,14 @@ from omegaconf import OmegaConf
 from test_model import randomize_zero_init, tiny_config  # the same tiny sizes as the base model's tests
 from tiny_text_models import save_tokenizer, tiny_model
 
+from dit_video.build import build_dit_config
 from dit_video.diffusion.flow import FlowConfig, RectifiedFlow
 from dit_video.diffusion.sampling import sample
 from dit_video.encoders.text import HFTextEncoder
+from dit_video.errors import ConfigError
 from dit_video.lit_module import DiTModule, OptimConfig
 from dit_video.model import DiT
 from dit_video.pipeline import Pipeline
-from dit_video.run import ConfigError, build_dit_config
 
 # ---------------------------------------------------------------- pooled vector through training and sampling
 

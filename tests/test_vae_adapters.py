@@ -256,7 +256,8 @@ def test_missing_or_wrong_folders_name_vae_path_and_the_fix(saved, tmp_path):
 
 @pytest.mark.parametrize("name", ["sd_image", "cogvideox", "wan", "hunyuan_video", "ltx_video"])
 def test_vae_yaml_files_parse_and_fail_clearly_until_given_a_path(name, saved):
-    from dit_video.run import ConfigError, build_vae
+    from dit_video.build import build_vae
+    from dit_video.errors import ConfigError
 
     node = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "vae" / f"{name}.yaml"))
     cfg = PretrainedVAEConfig.from_node(node)
@@ -272,7 +273,8 @@ def test_vae_yaml_files_parse_and_fail_clearly_until_given_a_path(name, saved):
 def test_preflight_and_train_name_the_vae_problem(tmp_path):
     from tiny_run import compose_train
 
-    from dit_video.run import ConfigError, preflight
+    from dit_video.errors import ConfigError
+    from dit_video.run import preflight
 
     cfg = compose_train("+experiment=demo", "vae=wan", f"data.shards={tmp_path}/none-*.tar", f"vae.path={tmp_path}")
     with pytest.raises(ConfigError, match=r"vae.path: no config.json in .*AutoencoderKLWan") as err:
@@ -288,7 +290,8 @@ def test_an_adapter_vae_drives_dit_training_and_sampling(tmp_path):
     from tiny_run import TINY_DATA, TINY_DIT, compose_train
 
     from data_prep.make_demo import make_demo
-    from dit_video.pipeline import Pipeline, load_checkpoint
+    from dit_video.checkpoint.load import load_checkpoint
+    from dit_video.pipeline import Pipeline
     from dit_video.run import train
 
     make_demo(tmp_path / "clips", num_clips=8, val_clips=0, shard_size=8, seed=0)  # 32x32, 17 frames

@@ -136,7 +136,7 @@ def test_tiled_reconstruction_matches_untiled(trained_tiny_vae):
     # >= 6 dB closer to the untiled output than the untiled output is to the input, and the
     # overlap blending helping over butt-joined tiles. (Measured: untiled 15.6 dB, tiled 15.9 dB,
     # tiled vs untiled 23.4 dB; without overlap 22.1 dB.)
-    from dit_video.eval.image_metrics import psnr
+    from dit_video.metrics.image_metrics import psnr
 
     vae = trained_tiny_vae
     video = clip_to_video(shape_clips(4, frames=9, size=64, seed=999))

@@ -23,7 +23,7 @@ from dit_video.encoders.causal_vae.discriminator import (
     generator_adversarial_loss,
 )
 from dit_video.encoders.causal_vae.lpips import LPIPS, LPIPS_CHANNELS, load_lpips, lpips_state_from_official
-from dit_video.eval.image_metrics import gaussian_window, psnr, ssim
+from dit_video.metrics.image_metrics import gaussian_window, psnr, ssim
 
 # ---------------------------------------------------------------------------------------------
 # Discriminator and adversarial losses
@@ -241,7 +241,7 @@ def run_gan(shards, run_dir, steps, *extra):
 
 
 def test_vae_gan_demo_runs_validates_and_resumes_exactly(shards, tmp_path, monkeypatch):
-    from dit_video.checkpoint import load_checkpoint_file
+    from dit_video.checkpoint.verify import load_checkpoint_file
     from dit_video.plots import read_metric
 
     monkeypatch.setenv("DIT_VIDEO_QUIET", "1")
@@ -278,7 +278,8 @@ def test_lpips_weights_stay_out_of_vae_checkpoints(lpips_file):
 
 
 def test_missing_lpips_file_stops_the_run_naming_the_field(shards, tmp_path):
-    from dit_video.run import ConfigError, train
+    from dit_video.errors import ConfigError
+    from dit_video.run import train
 
     cfg = compose_train("+experiment=vae_gan_demo", *shards, "vae.loss.perceptual_weight=0.1",
                         f"vae.loss.lpips_path={tmp_path}/lpips.safetensors", f"run_dir={tmp_path}")

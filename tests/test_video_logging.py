@@ -10,7 +10,7 @@ import torch
 from PIL import Image, ImageSequence
 from tiny_run import TINY_DATA, TINY_DIT, compose_train, tiny_run
 
-from dit_video.eval.in_training import gif_bytes
+from dit_video.eval.samples import gif_bytes
 
 PROMPTS = ["a red square moving left", "a blue circle moving up"]
 

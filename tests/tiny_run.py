@@ -54,7 +54,7 @@ def calibrated_random_i3d(clips):
     import torch
 
     from dit_video.encoders.base import clip_to_video
-    from dit_video.eval.fvd import I3D
+    from dit_video.metrics.fvd import I3D
 
     torch.manual_seed(0)
     model = I3D(width=1 / 16).train()
@@ -95,7 +95,7 @@ def distributed_sampling_worker(rank: int, world_size: int, port: int, ckpt: str
     import numpy as np
     import torch
 
-    from dit_video.eval.in_training import sample_across_ranks
+    from dit_video.eval.samples import sample_across_ranks
     from dit_video.pipeline import Pipeline
 
     torch.set_num_threads(1)

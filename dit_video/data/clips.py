@@ -16,10 +16,11 @@ import torch
 from dit_video.data.buckets import Bucket, assign_bucket
 from dit_video.data.config import CROP_MODES, resolve_shards
 from dit_video.data.dataset import PlannedShardDataset
-from dit_video.data.decode import BACKENDS, SampleError, TimedCall, decode_clip, decode_image, resize_crop
+from dit_video.data.decode import BACKENDS, TimedCall, decode_clip, decode_image, resize_crop
 from dit_video.data.index import MemberReader, ShardIndex, build_index
 from dit_video.data.packing import collate_packed, pack_epoch
 from dit_video.data.samples import collate_clips, image_ext_of, read_caption, read_meta, video_ext_of
+from dit_video.errors import SampleError
 
 logger = logging.getLogger(__name__)
 

@@ -63,10 +63,10 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from dit_video.data.buckets import Bucket, image_buckets
-from dit_video.data.decode import SampleError
 from dit_video.data.index import MemberReader, ShardIndex
 from dit_video.data.order import epoch_batches, eval_steps, mix_image_batches, steps_per_rank, train_steps
 from dit_video.data.samples import key_seed
+from dit_video.errors import SampleError
 
 logger = logging.getLogger(__name__)
 

@@ -25,22 +25,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dit_video.errors import SampleError
+
 try:
     import decord
 except ImportError:  # decord has wheels for x86-64 Linux only
     decord = None
 
 BACKENDS = ("auto", "decord", "pyav", "torchcodec")
-
-
-class SampleError(Exception):
-    """One sample cannot be used. `reason` is a short fixed label the loader counts skips by
-    ("decode_error", "too_short", ...); `detail` is free text for the log line."""
-
-    def __init__(self, reason: str, detail: str):
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
 
 
 def frame_indices(num_source: int, source_fps: float, num_frames: int, fps: float | None,

@@ -43,10 +43,10 @@ from dit_video.data.buckets import Bucket
 from dit_video.data.config import resolve_shards
 from dit_video.data.datamodule import ResumableDataModule
 from dit_video.data.dataset import PlannedShardDataset, dist_info
-from dit_video.data.decode import SampleError
 from dit_video.data.index import build_index
 from dit_video.data.samples import read_caption
 from dit_video.encoders.text import HFTextEncoder, detect_kind
+from dit_video.errors import SampleError
 
 CACHE_FORMAT = "dit-video-latents/1"
 CACHE_FILE = "cache.json"

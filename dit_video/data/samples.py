@@ -14,8 +14,8 @@ from collections import Counter
 
 import torch
 
-from dit_video.data.decode import SampleError
 from dit_video.data.index import IMAGE_EXTS, VIDEO_EXTS
+from dit_video.errors import SampleError
 
 
 def key_seed(key: str) -> int:

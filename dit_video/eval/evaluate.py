@@ -5,7 +5,7 @@
 
 Metrics (each runs when what it needs is there, otherwise the report says why it was skipped):
   probe      caption faithfulness on the synthetic demo (colour/direction/shape read off the
-             pixels; dit_video/eval/probe.py) when every prompt is a demo caption
+             pixels; dit_video/metrics/probe.py) when every prompt is a demo caption
   fvd        Frechet Video Distance against real clips from `real_shards` (default: the run's
              validation shards) with the I3D weights at `i3d_path`
   clipscore  per-frame CLIPScore with the CLIP model at `clip_path`
@@ -24,6 +24,19 @@ from pathlib import Path
 import numpy as np
 import torch
 from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from dit_video.checkpoint.paths import resolve_checkpoint
+from dit_video.data.browse import browse_shards
+from dit_video.errors import CheckpointError, PromptRefused
+from dit_video.identity import sample_identity
+from dit_video.media import write_samples
+from dit_video.metrics.clipscore import CLIPScorer
+from dit_video.metrics.frechet import frechet_distance_features
+from dit_video.metrics.fvd import i3d_features, load_i3d
+from dit_video.metrics.probe import caption_faithfulness, probe_applies, probe_prompts
+from dit_video.pipeline import Pipeline
+from dit_video.provenance import check_prompts
 
 
 @dataclass
@@ -40,7 +53,7 @@ class EvalConfig:
     batch_size: int = 16
     real_shards: str | None = None  # FVD reference clips; None = the run's data.val_shards
     num_real: int = 64  # reference clips read for FVD
-    i3d_path: str | None = None  # local I3D weights (dit_video.eval.fvd.load_i3d); None = skip FVD
+    i3d_path: str | None = None  # local I3D weights (dit_video.metrics.fvd.load_i3d); None = skip FVD
     i3d_size: int = 224  # frames are resized to this square size for I3D
     clip_path: str | None = None  # local Hugging Face CLIP folder; None = skip CLIPScore
     probe: bool | None = None  # None = run when every prompt is a demo caption
@@ -50,26 +63,7 @@ class EvalConfig:
     extra: dict = field(default_factory=dict)  # free-form notes copied into the report
 
 
-def default_prompts(seeds_per_prompt: int) -> tuple[list[str], list[int]]:
-    from dit_video.demo import probe_prompts
-
-    return probe_prompts(seeds_per_prompt)
-
-
-def _probe_applies(prompts: list[str]) -> bool:
-    from dit_video.eval.probe import parse_caption
-
-    try:
-        for p in prompts:
-            parse_caption(p)
-    except ValueError:
-        return False
-    return True
-
-
 def _real_clips(shards, num: int, num_frames: int) -> np.ndarray:
-    from dit_video.data.browse import browse_shards
-
     samples = browse_shards(shards, limit=num, num_frames=num_frames)
     clips = [s["clip"] for s in samples if s["clip"] is not None and len(s["clip"]) == num_frames]
     if len(clips) < 2:
@@ -79,8 +73,6 @@ def _real_clips(shards, num: int, num_frames: int) -> np.ndarray:
 
 def evaluate(cfg: EvalConfig) -> dict:
     """Sample, score and write the report; returns the report dict."""
-    from dit_video.api import load_pipeline, resolve_checkpoint, sample_identity
-    from dit_video.provenance import check_prompts
 
     if cfg.weights not in ("ema", "raw", "both"):
         raise ValueError(f"weights={cfg.weights!r}: use ema, raw or both")
@@ -90,23 +82,19 @@ def evaluate(cfg: EvalConfig) -> dict:
         prompts = [p for p in cfg.prompts for _ in range(cfg.seeds_per_prompt)]
         seeds = [1000 * s + i for i in range(len(cfg.prompts)) for s in range(cfg.seeds_per_prompt)]
     else:
-        prompts, seeds = default_prompts(cfg.seeds_per_prompt)
+        prompts, seeds = probe_prompts(cfg.seeds_per_prompt)
     check_prompts(prompts + [cfg.negative_prompt])
     ckpt = resolve_checkpoint(cfg.ckpt)
     out = Path(cfg.out) if cfg.out else ckpt.resolve().parent.parent / "eval" / ckpt.stem
     out.mkdir(parents=True, exist_ok=True)
-    run_probe = _probe_applies(prompts) if cfg.probe is None else cfg.probe
+    run_probe = probe_applies(prompts) if cfg.probe is None else cfg.probe
     sampling = {"sampler": cfg.sampler, "steps": cfg.steps, "cfg": cfg.cfg, "shift": cfg.shift,
                 "negative_prompt": cfg.negative_prompt}
 
     scorers = {}
     if cfg.clip_path:
-        from dit_video.eval.clipscore import CLIPScorer
-
         scorers["clip"] = CLIPScorer(cfg.clip_path)
     if cfg.i3d_path:
-        from dit_video.eval.fvd import i3d_features, load_i3d
-
         scorers["i3d"] = load_i3d(cfg.i3d_path)
 
     report = {"checkpoint": str(ckpt), "config": asdict(cfg) | {"prompts": prompts}, "seeds": seeds,
@@ -114,13 +102,11 @@ def evaluate(cfg: EvalConfig) -> dict:
     real_features = None
     for weights in (["ema", "raw"] if cfg.weights == "both" else [cfg.weights]):
         start = time.perf_counter()
-        pipe = load_pipeline(ckpt, weights)
+        pipe = Pipeline.from_checkpoint(ckpt, weights)
         report.setdefault("identity", sample_identity(ckpt, pipe.meta, cfg.weights))
         clips = pipe.generate(prompts, seeds, batch_size=cfg.batch_size, **sampling)  # [N, T, H, W, 3]
         result = {"sampling_seconds": time.perf_counter() - start}
         if run_probe:
-            from dit_video.eval.probe import caption_faithfulness
-
             probe = caption_faithfulness(clips, prompts)
             result["probe"] = {k: v for k, v in probe.items() if k != "per_clip"}
             result["probe_per_clip"] = probe["per_clip"]
@@ -133,8 +119,6 @@ def evaluate(cfg: EvalConfig) -> dict:
         else:
             report["skipped"]["clipscore"] = "no clip_path (a local Hugging Face CLIP folder)"
         if "i3d" in scorers:
-            from dit_video.eval.frechet import frechet_distance_features
-
             if real_features is None:
                 shards = cfg.real_shards or pipe.meta["config"]["data"]["val_shards"]
                 real = _real_clips(shards, cfg.num_real, clips.shape[1])
@@ -143,10 +127,8 @@ def evaluate(cfg: EvalConfig) -> dict:
             fake_features = i3d_features(clips, scorers["i3d"], size=cfg.i3d_size)
             result["fvd"] = frechet_distance_features(real_features, fake_features)
         else:
-            report["skipped"]["fvd"] = "no i3d_path (local I3D weights; see dit_video/eval/fvd.py)"
+            report["skipped"]["fvd"] = "no i3d_path (local I3D weights; see dit_video/metrics/fvd.py)"
         if cfg.write_samples:
-            from dit_video.media import write_samples
-
             written = write_samples(clips, prompts, seeds, out / f"samples_{weights}", pipe.fps,
                                     sampling | {"weights": weights, "checkpoint": str(ckpt)},
                                     identity=sample_identity(ckpt, pipe.meta, weights))
@@ -204,10 +186,6 @@ def main(argv: list[str] | None = None) -> int:
         cfg = EvalConfig(**OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True))
         report = evaluate(cfg)
     except Exception as err:  # config and input errors: one line, no traceback
-        from omegaconf.errors import OmegaConfBaseException
-
-        from dit_video.pipeline import CheckpointError
-        from dit_video.provenance import PromptRefused
 
         if not isinstance(err, (OmegaConfBaseException, CheckpointError, PromptRefused, ValueError,
                                 FileNotFoundError)):

@@ -9,7 +9,7 @@ part of a preset: they come from the VAE and the text encoder the run uses.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from .attention import BACKENDS
 
@@ -38,7 +38,7 @@ class DiTConfig:
     time_scale: float = 1000.0  # t in [0, 1] is multiplied by this before the sinusoidal embedding
     norm_eps: float = 1e-6  # epsilon of every LayerNorm / RMSNorm in the model
     attn_backend: str = "sdpa"  # attention implementation: "sdpa" (fused torch kernel) or "math" (reference)
-    # How text enters (README "Model variants"): "cross_attn" = video tokens attend to text in every
+    # How text enters (docs/models.md, "Model variants"): "cross_attn" = video tokens attend to text in every
     # block (PixArt-alpha, Wan); "mmdit" = joint attention over [text, video] tokens (SD3, Flux,
     # HunyuanVideo): num_dual_blocks dual-stream blocks, then depth - num_dual_blocks single-stream ones.
     conditioning: str = "cross_attn"
@@ -52,6 +52,13 @@ class DiTConfig:
     # (fixed 3D sin-cos added to the tokens, any grid size) or "learned" (a table of max_grid size).
     pos_embed: str = "rope"
     max_grid: tuple[int, int, int] | None = None  # pos_embed=learned: largest token grid (T', H', W') it covers
+
+    @classmethod
+    def from_dict(cls, values: dict) -> DiTConfig:
+        """A config from its `dataclasses.asdict` form, as checkpoints record it: JSON lists become
+        tuples, and keys this version does not have are ignored (a field added later takes its default)."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in names})
 
     def __post_init__(self) -> None:
         # Hydra/YAML hands us lists; tuples keep the config hashable and comparable.

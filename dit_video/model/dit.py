@@ -2,7 +2,7 @@
 
 noisy latents [B, C, T, H, W] + t [B] + text (text_emb, text_mask[, pooled]) -> prediction [B, C_out, T, H, W].
 What the prediction means (velocity, noise, x0) is decided by dit_video/diffusion, not here.
-The config picks the variant (README "Model variants"): cross-attention or MMDiT joint attention
+The config picks the variant (docs/models.md, "Model variants"): cross-attention or MMDiT joint attention
 (mmdit.py), adaLN-single or per-block adaLN-Zero, RoPE or absolute (pos_embed.py) positions.
 """
 

@@ -133,7 +133,7 @@ def _main() -> None:
     latent_shape, text_len = (9, 32, 32), 226  # dit_256: 33 frames at 256^2 through a 4x8x8 VAE, T5 text
     print(f"latents {latent_shape}, {text_len} text tokens, text_dim 4096, 16 latent channels")
     print(f"{'preset':>7} {'params':>9} {'tokens':>7} {'fwd GFLOP':>10} {'train GFLOP':>12} {'attn %':>7} {'6NT/exact':>10}")
-    # Every preset, then the 1B preset in the conditioning variants (README "Model variants").
+    # Every preset, then the 1B preset in the conditioning variants (docs/models.md, "Model variants").
     rows = [(name, DIT_PRESETS[name]) for name in DIT_PRESETS] + [
         ("1B zero", {**DIT_PRESETS["1B"], "modulation": "adaln_zero"}),
         ("1B mm", {**DIT_PRESETS["1B"], "conditioning": "mmdit", "num_dual_blocks": 10}),  # Flux-like 1/3 dual

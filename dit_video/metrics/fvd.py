@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dit_video.eval.frechet import frechet_distance_features
+from dit_video.encoders.base import clip_to_video
+from dit_video.metrics.frechet import frechet_distance_features
 
 # Inception modules: (name, [1x1, 3x3 reduce, 3x3, "5x5" reduce, "5x5" (3x3 in I3D), pool proj]).
 INCEPTION = {
@@ -149,7 +150,7 @@ def load_i3d(path: str | Path) -> I3D:
     if not path.is_file():
         raise FileNotFoundError(
             f"i3d_path: no I3D weights at '{path}'; convert Kinetics-400 RGB I3D weights to a state dict "
-            "in dit_video.eval.fvd.I3D's layout (.safetensors or .pt) and point i3d_path at it"
+            "in dit_video.metrics.fvd.I3D's layout (.safetensors or .pt) and point i3d_path at it"
         )
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
@@ -172,7 +173,6 @@ def load_i3d(path: str | Path) -> I3D:
 def i3d_features(clips, model: I3D, size: int = 224, batch_size: int = 8, features: str = "logits") -> np.ndarray:
     """uint8 clips [N, T, H, W, 3] -> I3D features float64 [N, D]: frames resized to size x size
     (bilinear), scaled to [-1, 1]."""
-    from dit_video.encoders.base import clip_to_video
 
     clips = torch.as_tensor(np.asarray(clips))
     out = []

