@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from dit_video.data.shards import ShardWriter, encode_mp4
-from dit_video.data.synthetic import all_combinations, caption_for, render_clip
+from dit_video.data.synthetic import DEMO_FRAMES, DEMO_SIZE, all_combinations, caption_for, render_clip
 
 _SPLIT_IDS = {"train": 0, "val": 1}  # folded into the seed so the splits never share a clip
 
@@ -53,7 +53,7 @@ def write_split(out: Path, split: str, num_clips: int, size: int, frames: int, f
     return writer.shards
 
 
-def make_demo(out: str | Path, num_clips: int = 1536, val_clips: int = 96, size: int = 32, frames: int = 17,
+def make_demo(out: str | Path, num_clips: int = 1536, val_clips: int = 96, size: int = DEMO_SIZE, frames: int = DEMO_FRAMES,
               fps: float = 8.0, shard_size: int = 256, seed: int = 0, progress: bool = False) -> dict:
     """Write both splits under `out`; returns a summary dict (shard paths, counts, bytes)."""
     if size % 2:
@@ -79,8 +79,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", required=True, help="output directory, e.g. data/demo")
     parser.add_argument("--num-clips", type=int, default=1536, help="training clips")
     parser.add_argument("--val-clips", type=int, default=96, help="validation clips (0 for none)")
-    parser.add_argument("--size", type=int, default=32, help="frame height and width in pixels (even)")
-    parser.add_argument("--frames", type=int, default=17, help="frames per clip")
+    parser.add_argument("--size", type=int, default=DEMO_SIZE, help="frame height and width in pixels (even)")
+    parser.add_argument("--frames", type=int, default=DEMO_FRAMES, help="frames per clip")
     parser.add_argument("--fps", type=float, default=8.0, help="frame rate written into the mp4")
     parser.add_argument("--shard-size", type=int, default=256, help="clips per shard")
     parser.add_argument("--seed", type=int, default=0)

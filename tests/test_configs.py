@@ -9,8 +9,9 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import MissingConfigException
 from omegaconf import OmegaConf
 
-import dit_video.run  # noqa: F401  (registers the ${minilm_path:} resolver)
-from dit_video.run import ConfigError, preflight
+import dit_video.build  # noqa: F401  (registers the ${minilm_path:} resolver)
+from dit_video.errors import ConfigError
+from dit_video.run import preflight
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -36,7 +37,7 @@ def test_expected_experiments_exist():
 
 @pytest.mark.parametrize("model", sorted(p.stem for p in (CONF / "model").glob("*.yaml")))
 def test_every_model_config_builds_a_valid_dit_config(model):
-    from dit_video.run import build_dit_config
+    from dit_video.build import build_dit_config
 
     cfg = compose_train(f"model={model}")
     dit_cfg = build_dit_config(cfg.model, in_channels=16, text_dim=4096)
@@ -49,8 +50,8 @@ def test_every_model_config_builds_a_valid_dit_config(model):
 
 
 def test_model_yaml_files_match_their_presets():
+    from dit_video.build import build_dit_config
     from dit_video.model import DIT_PRESETS
-    from dit_video.run import build_dit_config
 
     for path in (CONF / "model").glob("*.yaml"):
         node = OmegaConf.load(path)
@@ -69,7 +70,7 @@ def test_unknown_experiment_is_a_clear_error():
 
 
 def test_unknown_field_names_the_group_and_the_field():
-    from dit_video.run import build_data
+    from dit_video.build import build_data
 
     cfg = compose_train("+data.batchsize=3")
     with pytest.raises(ConfigError, match=r"data: unknown field\(s\) \['batchsize'\]"):
@@ -97,13 +98,15 @@ def test_dit_256_fails_fast_on_this_machine_naming_what_is_missing():
     assert msg.startswith("error: run 'dit_256' cannot start")
     for what in ("data.shards", "vae.path", "text_encoder.path", "CUDA GPU"):
         assert what in msg, what
+    # 256p video has to come from the user's videos: the 32x32 synthetic set is not the fix
+    assert "data_prep.ingest --folder" in msg and "--max-size 256" in msg and "make_demo" not in msg
 
 
 def test_dit_256_is_about_one_billion_parameters_at_256px_33_frames_bf16():
     import torch
 
+    from dit_video.build import build_dit_config
     from dit_video.model import DiT
-    from dit_video.run import build_dit_config
 
     cfg = compose_train("+experiment=dit_256")
     assert list(cfg.data.size) == [256, 256] and cfg.data.num_frames == 33

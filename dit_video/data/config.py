@@ -16,6 +16,7 @@ import braceexpand
 from dit_video.data.buckets import Bucket, make_buckets
 from dit_video.data.decode import BACKENDS, torchcodec_problem
 from dit_video.data.packing import PackingConfig
+from dit_video.data.synthetic import DEMO_FRAMES, DEMO_SIZE
 
 # "pipe:", "http://", "s3://", "file:" ...: a URL scheme at the start of the string.
 _URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
@@ -104,10 +105,12 @@ class VideoDataConfig:
             if not resolve_shards(spec, field=f"data.{field}"):
                 first = spec if isinstance(spec, str) else spec[0]
                 out = os.path.dirname(first) or "."
-                raise ValueError(
-                    f"data.{field}: no files match {spec!r} — run 'python -m data_prep.make_demo --out {out}' "
-                    "to create the demo set, or point it at your shards"
-                )
+                if tuple(self.size) == (DEMO_SIZE, DEMO_SIZE) and self.num_frames == DEMO_FRAMES:
+                    fix = f"run 'python -m data_prep.make_demo --out {out}' to create the demo set"
+                else:  # the synthetic set is 32x32x17: for any other size, the user's own videos
+                    fix = (f"make shards of your videos with 'python -m data_prep.ingest --folder <videos> --out {out} "
+                           f"--max-size {max(self.size)}' (docs/data.md)")
+                raise ValueError(f"data.{field}: no files match {spec!r} — {fix}, or point it at your shards")
         if not (isinstance(self.num_frames, int) and self.num_frames >= 1):
             raise ValueError(f"data.num_frames: must be an integer >= 1, got {self.num_frames!r}")
         if self.fps is not None and not (isinstance(self.fps, float) and self.fps > 0):

@@ -1,7 +1,7 @@
 """The synthetic demo world: coloured shapes moving in straight lines on a dark background.
 
 The vocabulary below is shared by the generator (`data_prep/make_demo.py`) and the
-caption-faithfulness probe (`dit_video/eval/probe.py`), so a caption the generator writes is
+caption-faithfulness probe (`dit_video/metrics/probe.py`), so a caption the generator writes is
 always one the probe can parse. Every attribute is recoverable from pixels alone: colour from
 the hue of the foreground, direction from its centroid track, shape from how it fills its
 bounding box.
@@ -29,6 +29,9 @@ DIRECTIONS: dict[str, tuple[int, int]] = {
     "up": (0, -1),
     "down": (0, 1),
 }
+# The demo set's clip shape (`make_demo` defaults, conf/data/demo.yaml): 17 frames of 32 x 32.
+DEMO_SIZE = 32
+DEMO_FRAMES = 17
 # Dark and nearly neutral: every palette colour is far from it in brightness and saturation.
 BACKGROUND: tuple[int, int, int] = (20, 20, 28)
 
