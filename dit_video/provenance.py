@@ -8,7 +8,8 @@ Four independent marks, all on by default, each off by config (`ProvenanceConfig
   label      a visible "AI-GENERATED" (or "AI" on tiny frames) box in a corner of every frame.
   watermark  an invisible spread-spectrum pattern in the luma, recovered by `detect()` from the
              decoded pixels alone: it survives re-encoding at the same resolution.
-  filter     `check_prompts` refuses prompts that match a blocklist file before any sampling.
+  filter     `check_prompts` refuses prompts (and negative prompts) that match a blocklist file
+             before any sampling; the matching is dit_video.prompt_filter's.
 
 The watermark, in one paragraph. Each frame t gets a luma offset built from the lowest BAND x
 BAND orthonormal 2-D DCT basis images (without the DC term) with keyed signs k[t, u, v] = +-1:
@@ -42,7 +43,6 @@ from __future__ import annotations
 
 import io
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,7 +51,7 @@ import numpy as np
 from dit_video.data.browse import browse_shards
 from dit_video.data.decode import decode_frames
 from dit_video.data.shards import encode_mp4
-from dit_video.errors import PromptRefused
+from dit_video.prompt_filter import compile_phrases, read_blocklist
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_BLOCKLIST = ROOT / "conf" / "blocklist.txt"
@@ -84,25 +84,15 @@ class ProvenanceConfig:
 
 def load_blocklist(path: str | Path | None = None) -> list[str]:
     """Phrases (lower case) from a blocklist file: one per line, blank lines and '#' comments skipped."""
-    path = Path(path) if path else DEFAULT_BLOCKLIST
-    if not path.is_file():
-        raise FileNotFoundError(f"provenance.blocklist: no file at '{path}' (one phrase per line)")
-    lines = (line.split("#", 1)[0].strip().lower() for line in path.read_text(encoding="utf-8").splitlines())
-    return [" ".join(line.split()) for line in lines if line]
+    return read_blocklist(Path(path) if path else DEFAULT_BLOCKLIST)
 
 
-def check_prompts(prompts: list[str], blocklist: str | Path | None = None) -> None:
-    """Raise PromptRefused for the first prompt containing a blocklisted phrase as whole words."""
-    phrases = load_blocklist(blocklist)
-    patterns = [(p, re.compile(r"(?<!\w)" + re.escape(p) + r"(?!\w)")) for p in phrases]
-    for i, prompt in enumerate(prompts):
-        text = " ".join(prompt.lower().split())
-        for phrase, pattern in patterns:
-            if pattern.search(text):
-                raise PromptRefused(
-                    f"prompt {i} ({prompt!r}) is refused: it contains the blocked phrase {phrase!r} from "
-                    f"{Path(blocklist) if blocklist else DEFAULT_BLOCKLIST}; nothing was generated"
-                )
+def check_prompts(prompts: list[str], blocklist: str | Path | None = None, *,
+                  negative_prompt: str | None = None) -> None:
+    """Raise PromptRefused for the first prompt, then the negative prompt, containing a blocklisted
+    phrase as the text encoder would read it (see dit_video.prompt_filter)."""
+    path = Path(blocklist) if blocklist else DEFAULT_BLOCKLIST
+    compile_phrases(tuple(load_blocklist(path)), str(path)).check(prompts, negative_prompt)
 
 
 # ----------------------------------------------------------------------------- container metadata

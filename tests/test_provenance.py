@@ -128,6 +128,6 @@ def test_prompt_filter_refuses_blocklisted_prompts(tmp_path):
     blocklist.write_text("# house rules\nblue circle\n")
     with pytest.raises(PromptRefused, match="prompt 1 .*'blue circle'.*block.txt"):
         check_prompts(["a red square", "a  Blue circle moving up"], blocklist)
-    check_prompts(["a blue circles party"], blocklist)  # whole words only
+    check_prompts(["a bluebird circling a blue circlet"], blocklist)  # whole words and their inflections only
     with pytest.raises(FileNotFoundError, match="provenance.blocklist"):
         check_prompts(["x"], tmp_path / "missing.txt")
