@@ -66,7 +66,7 @@ def main(cfg: DictConfig) -> None:
         if len(seeds) != len(prompts):
             raise ValueError(f"seeds: got {len(seeds)} seeds for {len(prompts)} samples; give one per sample")
         if provenance.prompt_filter:  # before loading anything: a refused prompt costs nothing
-            check_prompts(prompts + [str(cfg.negative_prompt)], provenance.blocklist)
+            check_prompts(prompts, provenance.blocklist, negative_prompt=cfg.negative_prompt)
         ckpt = resolve_checkpoint(cfg.ckpt)
         pipe = Pipeline.from_checkpoint(ckpt, weights=cfg.weights, device=cfg.device)
         settings = {k: OmegaConf.to_container(cfg, resolve=True)[k]

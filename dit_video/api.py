@@ -46,11 +46,12 @@ def load_pipeline(path: str | Path, weights: str = "ema") -> Pipeline:
 
 
 def generate(pipe: Pipeline, prompts: list[str], seeds: list[int] | None = None, *,
-             prompt_filter: bool = True, **sampling) -> np.ndarray:
-    """pipe.generate after the prompt filter (conf/blocklist.txt): uint8 [N, T, H, W, 3]."""
+             negative_prompt: str = "", prompt_filter: bool = True, **sampling) -> np.ndarray:
+    """pipe.generate after the prompt filter (conf/blocklist.txt) has read the prompts and the
+    negative prompt (the model reads it too, in the unconditional branch): uint8 [N, T, H, W, 3]."""
     if prompt_filter:
-        check_prompts(list(prompts))
-    return pipe.generate(list(prompts), seeds, **sampling)
+        check_prompts(list(prompts), negative_prompt=negative_prompt)
+    return pipe.generate(list(prompts), seeds, negative_prompt=negative_prompt, **sampling)
 
 
 class Run:

@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> dict:
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
         if f.name == "caption_blocklist":
-            parser.add_argument(flag, nargs="*", default=[], help="words that drop a caption")
+            parser.add_argument(flag, nargs="*", default=[], help="words or quoted phrases that drop a caption (matched like the prompt filter)")
         elif f.name == "out":
             parser.add_argument(flag, required=True, help="output directory")
         else:

@@ -37,7 +37,7 @@ class IngestConfig:
     min_motion: float = 0.0  # mean |frame difference| of 32x32 thumbnails (0-255); below: low_motion
     min_caption_words: int = 1  # fewer words: caption_too_short
     max_caption_chars: int = 1000  # more characters: caption_too_long
-    caption_blocklist: list[str] = field(default_factory=list)  # words (case-insensitive) that drop a caption
+    caption_blocklist: list[str] = field(default_factory=list)  # words or phrases that drop a caption (dit_video.prompt_filter)
     manifest_format: str = "auto"  # "jsonl", "parquet", "both", or "auto" (jsonl, plus parquet if pyarrow is installed)
 
     def validate(self) -> None:

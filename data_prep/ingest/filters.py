@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from data_prep.ingest.config import IngestConfig
+from dit_video.prompt_filter import compile_phrases
 
 
 class Drop(Exception):
@@ -32,10 +33,10 @@ def check_caption(caption: str | None, cfg: IngestConfig) -> str:
         raise Drop("caption_too_short", f"{len(caption.split())} words < {cfg.min_caption_words}")
     if len(caption) > cfg.max_caption_chars:
         raise Drop("caption_too_long", f"{len(caption)} characters > {cfg.max_caption_chars}")
-    words = {w.strip(".,;:!?\"'()").lower() for w in caption.split()}
-    blocked = sorted(words & {b.lower() for b in cfg.caption_blocklist})
-    if blocked:
-        raise Drop("caption_blocklist", f"contains {blocked}")
+    # The sampling prompt filter's matcher: a caption is text the text encoder reads too.
+    blocked = compile_phrases(tuple(cfg.caption_blocklist), "--caption-blocklist").match(caption)
+    if blocked is not None:
+        raise Drop("caption_blocklist", f"contains {blocked!r}")
     return caption
 
 

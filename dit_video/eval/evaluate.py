@@ -83,7 +83,7 @@ def evaluate(cfg: EvalConfig) -> dict:
         seeds = [1000 * s + i for i in range(len(cfg.prompts)) for s in range(cfg.seeds_per_prompt)]
     else:
         prompts, seeds = probe_prompts(cfg.seeds_per_prompt)
-    check_prompts(prompts + [cfg.negative_prompt])
+    check_prompts(prompts, negative_prompt=cfg.negative_prompt)
     ckpt = resolve_checkpoint(cfg.ckpt)
     out = Path(cfg.out) if cfg.out else ckpt.resolve().parent.parent / "eval" / ckpt.stem
     out.mkdir(parents=True, exist_ok=True)
