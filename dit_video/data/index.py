@@ -115,29 +115,29 @@ def _complete(members: dict, required: Sequence[str] | None) -> bool:
 
 
 class _Run:
-    """Consecutive members of one key: {ext: (offset, size)} and the first reason to drop them."""
+    """Consecutive members of one key: {ext: (offset, size)}, the first reason to drop them, and
+    whether they border on damage (then they are kept only if complete: a member may be lost)."""
 
     def __init__(self, key: str):
-        self.key, self.members, self.reason = key, {}, None
+        self.key, self.members, self.reason, self.near_damage = key, {}, None, False
 
     def drop(self, reason: str) -> None:
         self.reason = self.reason or reason
 
 
 class _HeaderReads:
-    """The shard file as tarfile sees it while scanning: reads stop at the end of the file and
-    refuse more than MAX_HEADER_BYTES at once (scanning never reads member data), seeks stay
-    inside the file, so a header's claims cannot make the scan allocate or seek beyond it."""
+    """The shard file as tarfile sees it while scanning. Scanning never reads member data, only
+    headers and extended headers (PAX records, GNU long names): a read of more than
+    MAX_HEADER_BYTES, or of more than the file still holds, is a header lying about its size and
+    raises instead of allocating. Seeks stay inside the file."""
 
     def __init__(self, f, size: int):
         self.f, self.size = f, size
 
     def read(self, n: int = -1) -> bytes:
         left = max(0, self.size - self.f.tell())
-        if n is None or n < 0 or n > MAX_HEADER_BYTES:
-            if left > MAX_HEADER_BYTES:
-                raise tarfile.ReadError(f"an extended header claims more than {MAX_HEADER_BYTES} bytes")
-            n = left
+        if n is None or n < 0 or n > MAX_HEADER_BYTES or (n > tarfile.BLOCKSIZE and n > left):
+            raise tarfile.ReadError(f"an extended header claims {n} bytes, {left} are left in the file")
         return self.f.read(min(n, left))
 
     def seek(self, pos: int, whence: int = 0) -> int:
@@ -168,25 +168,28 @@ class _Scan:
     def __init__(self):
         self.runs: list[_Run] = []
         self.damage = 0
-        self._in_damage = False
+        self._in_damage = False  # between a damaged place and the next valid member
 
     def damaged(self) -> None:
-        """Damage just before the current place: the run before it may have lost a member."""
+        """Damage at the current place: the run before it may have lost its last members."""
         if not self._in_damage:
             self.damage += 1
             self._in_damage = True
         if self.runs:
-            self.runs[-1].drop("bad_tar")
+            self.runs[-1].near_damage = True
 
-    def run_for(self, key: str, after_damage: bool) -> _Run:
+    def run_for(self, key: str) -> _Run:
+        after_damage = self._in_damage
         if not self.runs or self.runs[-1].key != key or after_damage:
             self.runs.append(_Run(key))
-            if after_damage:  # the run after the damage may have lost its first members
-                self.runs[-1].drop("bad_tar")
+            self.runs[-1].near_damage = after_damage  # it may have lost its first members
+        self._in_damage = False
         return self.runs[-1]
 
-    def member(self, info: tarfile.TarInfo, run: _Run, ext: str, file_size: int) -> bool:
+    def member(self, info: tarfile.TarInfo, file_size: int) -> bool:
         """Add one member to its run; False if its header claims data beyond the end of the file."""
+        key, ext = split_key(info.name)
+        run = self.run_for(key)
         if is_unsafe(info.name):
             run.drop("unsafe_name")
         elif not is_utf8(info.name):
@@ -196,45 +199,51 @@ class _Scan:
         elif not info.isfile():
             run.drop("not_a_file")
         elif info.size < 0 or info.offset_data + info.size > file_size:
-            self._in_damage = False
+            run.drop("bad_tar")  # cut off, or a size that lies: either way its bytes are not there
             self.damaged()
             return False
         elif ext in run.members:
             run.drop("duplicate_member")
         else:
             run.members[ext] = (info.offset_data, info.size)
-        self._in_damage = False
         return True
 
 
 def _scan_runs(path: str) -> tuple[list[_Run], int]:
-    """The shard's runs of members in tar order and how many damaged places it has."""
+    """The shard's runs of members in tar order and how many damaged places it has.
+
+    ignore_zeros: past a damaged header tarfile tries each following block for the next valid
+    one; where tarfile gives up instead (an exception), scanning starts again after the place it
+    failed. Either way the samples after the damage are still found."""
     scan = _Scan()
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
-        expected = 0  # where the next header should start: non-zero bytes skipped before it are damage
-        try:
-            # ignore_zeros: past a damaged header tarfile tries each following block for the next
-            # valid header, so the samples after the damage are still found.
-            with tarfile.open(fileobj=_HeaderReads(f, size), mode="r:", ignore_zeros=True,
-                              encoding="utf-8", errors="surrogateescape") as tar:
-                for info in tar:
-                    resume, expected = expected, tar.offset
-                    after_damage = info.offset > resume and not _all_zero(f, resume, info.offset)
-                    if after_damage:
-                        scan.damaged()
-                    if info.isdir():
-                        continue
-                    key, ext = split_key(info.name)
-                    if not scan.member(info, scan.run_for(key, after_damage), ext, size):
-                        # A cut-off member, or a size that lies: look for the next header right
-                        # after this one (a cut shard has none; a lie may hide good samples).
-                        tar.offset = expected = info.offset_data
-        except _SCAN_ERRORS as exn:
-            logger.warning("shard %s is damaged after byte %d (%s: %s)", path, expected, type(exn).__name__,
-                           str(exn)[:200])
-            scan.damaged()
-            expected = size
+        reads = _HeaderReads(f, size)
+        start = expected = 0  # expected: where the next header should start (non-zero bytes before it are damage)
+        if size == 0:
+            scan.damaged()  # not a tar at all (an interrupted copy, a failed download)
+        while start < size:
+            f.seek(start)
+            try:
+                with tarfile.open(fileobj=reads, mode="r:", ignore_zeros=True, encoding="utf-8",
+                                  errors="surrogateescape") as tar:
+                    for info in tar:
+                        resume, expected = expected, tar.offset
+                        if info.offset > resume and not _all_zero(f, resume, info.offset):
+                            scan.damaged()
+                        if info.isdir():
+                            continue
+                        if not scan.member(info, size):
+                            # look for the next header right after this one (a cut shard has none)
+                            tar.offset = expected = info.offset_data
+                break
+            except _SCAN_ERRORS as exn:
+                logger.warning("shard %s is damaged near byte %d (%s: %s)", path, expected, type(exn).__name__,
+                               str(exn)[:200])
+                scan.damaged()
+                # Go on from where tarfile stopped reading (past a chain of extended headers), at
+                # least one block on (so the scan always advances).
+                start = expected = max(f.tell(), start + tarfile.BLOCKSIZE, expected)
         if expected < size and not _all_zero(f, expected, size):
             scan.damaged()  # a cut or corrupt header at the end: tarfile stops quietly there
     return scan.runs, scan.damage
@@ -258,10 +267,12 @@ def scan_shard(path: str, shard_id: int, required: Sequence[str] | None = None) 
     for key, key_runs in by_key.items():
         first, strays = key_runs[0], key_runs[1:]
         reason = first.reason
+        if reason is None and first.near_damage and not _complete(first.members, required):
+            reason = "bad_tar"
         if reason is None and strays:
             if _complete(first.members, required):
                 for stray in strays:
-                    if stray.reason != "bad_tar":
+                    if stray.reason != "bad_tar" and not (stray.near_damage and not stray.members):
                         skips["stray_member"] += 1
                         logger.warning("skipped a stray run of %r in %s: stray_member (members %s)", key, path,
                                        sorted(stray.members))
