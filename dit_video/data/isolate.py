@@ -49,14 +49,17 @@ class IsolatedCall:
             raise ValueError(f"timeout must be > 0 seconds or None, got {timeout!r}")
         self.timeout, self.memory = timeout, memory
         self._child: tuple[int, object, object] | None = None  # (pid, connection, fn)
+        self._owner = os.getpid()  # the process that forked the child
 
     def __getstate__(self) -> dict:
-        return {"timeout": self.timeout, "memory": self.memory, "_child": None}  # each process forks its own
+        return {"timeout": self.timeout, "memory": self.memory, "_child": None, "_owner": None}  # each process forks its own
 
     def __call__(self, fn, *args):
+        if self._child is not None and self._owner != os.getpid():
+            self._child = None  # copied into a forked process (a DataLoader worker): that child is not ours
         if self._child is None or self._child[2] is not fn or self._child[0] != _alive(self._child[0]):
             self.close()
-            self._child = _fork(fn, self.memory)
+            self._child, self._owner = _fork(fn, self.memory), os.getpid()
         pid, conn, _ = self._child
         try:
             conn.send(args)
@@ -80,7 +83,8 @@ class IsolatedCall:
 
     def close(self) -> str:
         """Kill the child (if any); returns how it ended, for messages."""
-        if self._child is None:
+        if self._child is None or self._owner != os.getpid():
+            self._child = None
             return "not started"
         pid, conn, _ = self._child
         self._child = None
