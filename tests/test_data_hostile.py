@@ -5,7 +5,6 @@ random tar bytes never raises, and a shard cut after indexing is a counted skip.
 
 from __future__ import annotations
 
-import io
 import itertools
 import json
 import os
@@ -16,7 +15,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from hostile_shards import SIZE, T, good_mp4, sample, write_corpus
+from hostile_shards import SIZE, T, base256, good_mp4, header, patched, sample, write_corpus
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch.utils.data import DataLoader
@@ -104,24 +103,37 @@ def test_a_shard_cut_after_indexing_is_a_counted_skip(tmp_path):
     assert [it["key"] for it in items] == ["a"] and items[0]["skipped_by_reason"] == {"shard_changed": 1}
 
 
-def _tar_like(data: bytes) -> bytes:
-    """Hypothesis' bytes, sometimes spliced into a real tar (so headers are often almost valid)."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for name, payload in (("a.mp4", b"x" * 700), ("a.txt", b"caption"), ("é.json", b"{}")):
-            info = tarfile.TarInfo(name)
-            info.size = len(payload)
-            tar.addfile(info, io.BytesIO(payload))
-    real = buf.getvalue()
-    cut = int.from_bytes(data[:2] or b"\0", "big") % (len(real) + 1)
-    return real[:cut] + data[2:] + real[cut + len(data):]
+_NAMES = st.one_of(st.sampled_from(["a.mp4", "a.txt", "a.json", "b.mp4", "../c.mp4", "/d.txt", "e"]),
+                   st.binary(min_size=1, max_size=30).filter(lambda b: b"\0" not in b)
+                   .map(lambda b: b.decode("utf-8", "surrogateescape")))
+_TYPES = st.sampled_from([tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.SYMTYPE, tarfile.LNKTYPE, tarfile.DIRTYPE,
+                          tarfile.FIFOTYPE, tarfile.GNUTYPE_SPARSE, tarfile.XHDTYPE, tarfile.GNUTYPE_LONGNAME, b"Z"])
+_SIZES = st.one_of(st.none(), st.integers(-(1 << 70), 1 << 80), st.integers(-1024, 4096))
+
+
+@st.composite
+def tar_bytes(draw) -> bytes:
+    """Tars whose headers are valid blocks with hostile fields (names, types, base-256 sizes),
+    followed by random data, sometimes cut anywhere; or plain random bytes."""
+    if draw(st.booleans()):
+        return draw(st.binary(max_size=4096))
+    out = b""
+    for _ in range(draw(st.integers(1, 4))):
+        data = draw(st.binary(max_size=1500))
+        block = header(draw(_NAMES), len(data), draw(_TYPES))
+        size = draw(_SIZES)
+        if size is not None:
+            block = block[:-512] + patched(block[-512:], 124, base256(size))
+        out += block + data + b"\0" * (-len(data) % 512)
+    if draw(st.booleans()):
+        out += b"\0" * 1024
+    return out[:draw(st.integers(0, len(out)))] if draw(st.booleans()) else out
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(raw=st.binary(max_size=4096), splice=st.booleans())
-def test_the_index_never_raises_on_any_bytes(tmp_path, raw, splice):
+@given(data=tar_bytes())
+def test_the_index_never_raises_on_any_bytes(tmp_path, data):
     path = tmp_path / "fuzz.tar"
-    data = _tar_like(raw) if splice else raw
     path.write_bytes(data)
     index = build_index([str(path)])  # anything wrong is a counted skip, nothing else
     reader = MemberReader(index.shards)

@@ -190,6 +190,11 @@ class _Scan:
         """Add one member to its run; False if its header claims data beyond the end of the file."""
         key, ext = split_key(info.name)
         run = self.run_for(key)
+        carries_data = info.isreg() or info.type not in tarfile.SUPPORTED_TYPES
+        if carries_data and not info.issparse() and (info.size < 0 or info.offset_data + info.size > file_size):
+            run.drop("bad_tar")  # cut off, or a size that lies: either way its bytes are not there
+            self.damaged()
+            return False
         if is_unsafe(info.name):
             run.drop("unsafe_name")
         elif not is_utf8(info.name):
@@ -198,10 +203,6 @@ class _Scan:
             run.drop("sparse_member")
         elif not info.isfile():
             run.drop("not_a_file")
-        elif info.size < 0 or info.offset_data + info.size > file_size:
-            run.drop("bad_tar")  # cut off, or a size that lies: either way its bytes are not there
-            self.damaged()
-            return False
         elif ext in run.members:
             run.drop("duplicate_member")
         else:
@@ -228,14 +229,16 @@ def _scan_runs(path: str) -> tuple[list[_Run], int]:
                 with tarfile.open(fileobj=reads, mode="r:", ignore_zeros=True, encoding="utf-8",
                                   errors="surrogateescape") as tar:
                     for info in tar:
-                        resume, expected = expected, tar.offset
+                        resume, expected = expected, min(tar.offset, size)
                         if info.offset > resume and not _all_zero(f, resume, info.offset):
                             scan.damaged()
-                        if info.isdir():
+                        if tar.offset <= info.offset:  # a negative size: tarfile would read this header forever
+                            scan.run_for(split_key(info.name)[0]).drop("bad_tar")
+                            scan.damaged()
+                        elif info.isdir() or scan.member(info, size):
                             continue
-                        if not scan.member(info, size):
-                            # look for the next header right after this one (a cut shard has none)
-                            tar.offset = expected = info.offset_data
+                        # look for the next header right after this one (a cut shard has none)
+                        tar.offset = expected = info.offset_data
                 break
             except _SCAN_ERRORS as exn:
                 logger.warning("shard %s is damaged near byte %d (%s: %s)", path, expected, type(exn).__name__,
