@@ -8,6 +8,7 @@ count for it.
 Every shard holds good samples `{kind}_good0` (before the damage) and, where a reader can find
 them, `{kind}_good1` (after it). Good samples are 9-frame 16x16 clips at 8 fps with a caption
 and size metadata; the loader reads them at (9, 16, 16) with a second, 1-frame bucket for images.
+Kept whole: one catalogue of kinds, each next to what the loader and ingest must count for it.
 Counts are by reason, as the loader's `skipped_by_reason` and ingest's `dropped_by_reason` give them.
 """
 
