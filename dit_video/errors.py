@@ -30,3 +30,6 @@ class SampleError(Exception):
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
+
+    def __reduce__(self):  # crosses process boundaries (the loader decodes in a child process)
+        return type(self), (self.reason, self.detail)

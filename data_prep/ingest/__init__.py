@@ -6,15 +6,19 @@
     python -m data_prep.ingest --shards 'v2d/{00000..00009}.tar' --out data/mine  # video2dataset {key}.mp4/.txt/.json
 
 Steps, per source video (see `IngestConfig` for every option and its default):
-  1. probe (PyAV): fps, frames, size, duration, codec; sha256 of the source bytes
+  1. probe (PyAV): fps, frames, size, duration, codec; sha256 of the source bytes; frames above
+     --max-source-pixels (and, with --split none, a source longer than --max-duration) are
+     dropped here, before anything is decoded
   2. filter the source: caption (missing, length, blocklist), resolution, aspect ratio
-  3. decode once (optionally a [start, end) window), dropping frames above --max-fps and
-     downscaling above --max-size; 32x32 thumbnails give the scene cuts and the motion score
+  3. decode a frame at a time (optionally a [start, end) window, at most --max-frames), dropping
+     frames above --max-fps; 32x32 thumbnails give the scene cuts and the motion score
   4. split: at scene cuts (--split scene; built in, or PySceneDetect with
      --scene-detector pyscenedetect), into fixed --clip-seconds pieces (--split fixed), both
      (--split scene+fixed), or not at all (--split none)
-  5. filter each clip: duration, motion; re-encode it to H.264 (or copy the source bytes when
-     nothing changed) and write it with its metadata into shards of --shard-size clips
+  5. filter each clip: duration, motion; decode again, downscaling above --max-size, straight into
+     an H.264 encoder per kept clip (or copy the source bytes when nothing changed and every frame
+     decoded) and write it with its metadata into shards of --shard-size clips
+Steps 1 and 3-5 run in a child process killed after --decode-timeout seconds (decode_timeout).
 Every dropped source or clip is counted by reason in report.json, next to the thresholds used,
 so a run can say exactly what it trained on and what it left out and why.
 
@@ -30,16 +34,16 @@ stopped when started again with the same arguments.
 #   config.py    IngestConfig (every option, validated), STATE_DIR, MANIFEST_FORMATS
 #   sources.py   folder / list / shards -> source dicts; load_source: bytes, caption, sidecar
 #   filters.py   Drop (a reason to leave something out), check_caption, check_size, motion_score
-#   decode.py    probe, decode_frames (frames at the output rate and size + 32x32 thumbnails)
+#   decode.py    probe, stream_frames / scan_source / frames_in (a frame at a time + 32x32 thumbnails)
 #   split.py     scene_cuts, pyscenedetect_cuts, segments
-#   process.py   process_source: one source -> its clips in the shard writer (steps 1-5 above)
+#   process.py   process_source, make_clips: one source -> its clips in the shard writer (steps 1-5 above)
 #   units.py     run_unit, ingest: units in parallel, resume from OUT/.ingest
 #   manifest.py  finish (manifest + report.json), write_parquet, read_manifest, print_report
 #   cli.py       main: the flags (one per IngestConfig field); __main__.py runs it
 
 from data_prep.ingest.cli import main
 from data_prep.ingest.config import MANIFEST_FORMATS, STATE_DIR, IngestConfig
-from data_prep.ingest.decode import THUMB, decode_frames, probe
+from data_prep.ingest.decode import THUMB, frames_in, probe, scan_source, stream_frames
 from data_prep.ingest.filters import Drop, check_caption, check_size, motion_score
 from data_prep.ingest.manifest import finish, print_report, read_manifest, write_parquet
 from data_prep.ingest.process import process_source
@@ -49,7 +53,7 @@ from data_prep.ingest.units import ingest, run_unit
 
 __all__ = [
     "MANIFEST_FORMATS", "STATE_DIR", "THUMB", "Drop", "IngestConfig", "check_caption", "check_size",
-    "decode_frames", "finish", "ingest", "load_source", "main", "motion_score", "print_report", "probe",
-    "process_source", "pyscenedetect_cuts", "read_manifest", "run_unit", "scene_cuts", "segments",
-    "sources_from_folder", "sources_from_list", "sources_from_shards", "write_parquet",
+    "finish", "frames_in", "ingest", "load_source", "main", "motion_score", "print_report", "probe",
+    "process_source", "pyscenedetect_cuts", "read_manifest", "run_unit", "scan_source", "scene_cuts", "segments",
+    "sources_from_folder", "sources_from_list", "sources_from_shards", "stream_frames", "write_parquet",
 ]

@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> dict:
             kind = {"int": int, "float": float}.get(type(default).__name__, str)
             if f.name in ("max_size", "shard_bytes"):
                 kind = int
-            elif f.name in ("max_fps", "max_duration"):
+            elif f.name in ("max_fps", "max_duration", "decode_timeout"):
                 kind = float
             parser.add_argument(flag, type=kind, default=default, help=f"(default {default})")
     args = parser.parse_args(argv)

@@ -25,7 +25,12 @@ class IngestConfig:
     scene_detector: str = "builtin"  # "builtin" (thumbnail difference) | "pyscenedetect" (optional extra)
     scene_threshold: float = 30.0  # builtin: cut where the mean |thumbnail difference| (0-255) peaks above this
     min_scene_frames: int = 8  # builtin: no two cuts closer than this many frames
-    max_size: int | None = None  # downscale so the short side is at most this many pixels (None = keep)
+    # Sizes and time a 24 GiB machine survives with every worker on a hostile or huge source (a source
+    # is decoded a frame at a time, so memory does not grow with its length; these bound the rest):
+    max_size: int | None = 1080  # downscale so the short side is at most this many pixels (None = keep)
+    max_source_pixels: int = 4096 * 4096  # sources with larger frames are dropped at probe time (too_large)
+    max_frames: int = 100_000  # output frames read per source (~1 h at 30 fps); the rest is not decoded
+    decode_timeout: float = 1800.0  # seconds per source (decode + encode); its process is killed (decode_timeout)
     max_fps: float | None = None  # drop frames above this rate (None = keep)
     reencode: str = "auto"  # "auto" (only when something changed or the source is not H.264 mp4) | "always"
     crf: int = 18  # x264 quality of re-encoded clips
@@ -57,6 +62,8 @@ class IngestConfig:
             raise ValueError("--clip-seconds, --shard-size, --unit-size and --workers must be positive")
         if self.max_size is not None and self.max_size < 2:
             raise ValueError(f"--max-size must be >= 2 pixels, got {self.max_size}")
+        if self.max_source_pixels < 4 or self.max_frames < 1 or not self.decode_timeout > 0:
+            raise ValueError("--max-source-pixels, --max-frames and --decode-timeout must be positive")
         if self.manifest_format not in MANIFEST_FORMATS:
             raise ValueError(f"--manifest-format: use one of {', '.join(MANIFEST_FORMATS)}, got {self.manifest_format!r}")
         if self.manifest_format in ("parquet", "both") and not have_pyarrow():

@@ -5,6 +5,9 @@ Source filters raise `Drop(reason)`; process_source counts it and moves on:
                                        sources add the index's own damage reasons)
   missing_caption, caption_too_short, caption_too_long, caption_blocklist      (check_caption)
   low_resolution, bad_aspect                                                      (check_size)
+  too_large (frames above --max-source-pixels, or a decode that needed more than the source's
+  process may take), too_long (with --split none, a source longer than --max-duration, known from
+  the probe), decode_timeout (--decode-timeout)                                   (process.py)
 Clip filters (counted in process_source): too_short, too_long, and low_motion (motion_score).
 """
 
@@ -22,6 +25,9 @@ class Drop(Exception):
     def __init__(self, reason: str, detail: str = ""):
         super().__init__(f"{reason}: {detail}")
         self.reason, self.detail = reason, detail
+
+    def __reduce__(self):  # raised in the per-source child process (process.py), counted in the parent
+        return type(self), (self.reason, self.detail)
 
 
 def check_caption(caption: str | None, cfg: IngestConfig) -> str:
@@ -53,4 +59,12 @@ def check_size(info: dict, cfg: IngestConfig) -> None:
 
 def motion_score(thumbs: np.ndarray) -> float:
     """Mean |difference| of consecutive 32x32 thumbnails (0-255): ~0 for a still, > 2 for motion."""
-    return float(np.abs(np.diff(thumbs, axis=0)).mean()) if len(thumbs) > 1 else 0.0
+    return float(np.abs(np.diff(thumbs.astype(np.float32), axis=0)).mean()) if len(thumbs) > 1 else 0.0
+
+
+def thumb_diffs(thumbs: np.ndarray, chunk: int = 4096) -> np.ndarray:
+    """float32 [T - 1]: mean |difference| of thumbnails i + 1 and i (what scene cuts are found
+    on), computed a chunk at a time so a long source's thumbnails are never all converted at once."""
+    parts = [np.abs(np.diff(thumbs[i:i + chunk + 1].astype(np.float32), axis=0)).mean(axis=(1, 2, 3))
+             for i in range(0, max(len(thumbs) - 1, 0), chunk)]
+    return np.concatenate(parts) if parts else np.zeros(0, np.float32)

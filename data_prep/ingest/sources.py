@@ -83,17 +83,20 @@ def sources_from_shards(shards: list[str]) -> list[dict]:
     """Samples of video2dataset-style shards ({key}.mp4/.txt/.json), read later by offset."""
     index = build_index(shards)
     out = []
+    skipped = []
     for ref in index.samples:
         ext = next((e for e in VIDEO_EXTS if e in ref.members), None)
-        if ext is None:
+        if ext is None:  # an image sample: ingest makes clips of videos only
+            skipped.append({"id": f"image{len(skipped):06d}", "error": "missing_video",
+                            "detail": f"{ref.key} has no video member ({sorted(ref.members)})"})
             continue
         shard = index.shards[ref.shard]
         src = {"id": _safe_id(ref.key.replace("/", "_"), f"{shard}|{ref.key}"), "shard": shard,
                "members": {e: list(v) for e, v in ref.members.items()}, "video_ext": ext,
                "source": f"{shard}#{ref.key}"}
         out.append(src)
-    skipped = [{"id": f"index{i:06d}", "error": reason, "detail": "found while indexing the input shards"}
-               for reason, n in index.skipped_by_reason.items() for i in range(n)]
+    skipped += [{"id": f"index{i:06d}", "error": reason, "detail": "found while indexing the input shards"}
+                for reason, n in index.skipped_by_reason.items() for i in range(n)]
     return out + skipped
 
 
@@ -108,6 +111,10 @@ def load_source(src: dict) -> tuple[bytes, str | None, dict]:
         reader = MemberReader([src["shard"]])
         try:
             raw = reader.read(ref)
+        except EOFError as exn:
+            raise Drop("shard_changed", f"{exn}; was the shard rewritten after it was indexed?") from None
+        except OSError as exn:
+            raise Drop("bad_tar", f"{src['shard']}: {exn}") from None
         finally:
             reader.close()
         data = raw[src["video_ext"]]
@@ -124,8 +131,9 @@ def load_source(src: dict) -> tuple[bytes, str | None, dict]:
     if sidecar is not None:
         try:
             meta = json.loads(sidecar.decode("utf-8") if isinstance(sidecar, bytes) else sidecar)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exn:
-            raise Drop("bad_json", str(exn)[:200]) from None
+        # ValueError: also an integer literal past Python's digit limit; RecursionError: deep nesting
+        except (ValueError, RecursionError) as exn:
+            raise Drop("bad_json", f"{type(exn).__name__}: {str(exn)[:200]}") from None
         if not isinstance(meta, dict):
             raise Drop("bad_json", f"metadata is a {type(meta).__name__}, not an object")
     if len(data) == 0:

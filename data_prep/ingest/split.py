@@ -8,6 +8,7 @@ import tempfile
 import numpy as np
 
 from data_prep.ingest.config import IngestConfig
+from data_prep.ingest.filters import thumb_diffs
 
 
 def scene_cuts(thumbs: np.ndarray, cfg: IngestConfig) -> list[int]:
@@ -16,7 +17,7 @@ def scene_cuts(thumbs: np.ndarray, cfg: IngestConfig) -> list[int]:
     A cut is a peak of the mean |thumbnail difference| above the threshold that is the largest
     within min_scene_frames on either side, so fast motion just before a hard cut cannot claim
     the cut's place (a greedy first-above-threshold rule would)."""
-    diffs = np.abs(np.diff(thumbs, axis=0)).mean(axis=(1, 2, 3))  # [T - 1]; diffs[i - 1]: frame i vs i - 1
+    diffs = thumb_diffs(thumbs)  # [T - 1]; diffs[i - 1]: frame i vs i - 1
     m = cfg.min_scene_frames
     cuts: list[int] = []
     for i in np.argsort(-diffs, kind="stable"):  # strongest first

@@ -8,6 +8,7 @@ token-budget packs of clips of any bucket (packing.py) for DiT.forward_packed.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Sequence
 
 import numpy as np
@@ -19,7 +20,7 @@ from dit_video.data.dataset import PlannedShardDataset
 from dit_video.data.decode import BACKENDS, TimedCall, decode_clip, decode_image, resize_crop
 from dit_video.data.index import MemberReader, ShardIndex, build_index
 from dit_video.data.packing import collate_packed, pack_epoch
-from dit_video.data.samples import collate_clips, image_ext_of, read_caption, read_meta, video_ext_of
+from dit_video.data.samples import collate_clips, image_ext_of, read_caption, read_meta, size_of, video_ext_of
 from dit_video.errors import SampleError
 
 logger = logging.getLogger(__name__)
@@ -65,19 +66,22 @@ class VideoShardDataset(PlannedShardDataset):
         """Bucket per sample from its .json metadata (width, height, frames, fps); -1 = none fits."""
         out = np.full(len(index), -1, dtype=np.int64)
         reader = MemberReader(index.shards)
+        bad: Counter = Counter()  # samples whose metadata is unreadable or lies, by reason
         for i, ref in enumerate(index.samples):
             try:
                 meta = read_meta(reader.read(ref, ("json",))) or {}
                 is_image = video_ext_of(ref.members) is None
-                frames = 1 if is_image else int(meta["frames"])
-                out[i] = assign_bucket(buckets, int(meta["width"]), int(meta["height"]), frames,
-                                       float(meta.get("fps") or 1.0), fps, is_image)
-            except (SampleError, KeyError, TypeError, ValueError, OSError) as exn:
+                width, height, frames, source_fps = size_of(meta, is_image)
+                out[i] = assign_bucket(buckets, width, height, frames, source_fps, fps, is_image)
+            except SampleError as err:  # bad_json, bad_meta
+                bad[err.reason] += 1
+                logger.warning("skipped sample %r: %s (%s)", ref.key, err.reason, err.detail)
+            except (KeyError, TypeError, OSError, EOFError) as exn:
+                bad["no_bucket"] += 1
                 logger.warning("sample %r has no usable size metadata (%s): left out of the buckets", ref.key, exn)
         reader.close()
-        missing = int((out < 0).sum())
-        if missing:
-            index.skipped_by_reason["no_bucket"] += missing
+        bad["no_bucket"] += int((out < 0).sum()) - sum(bad.values())  # and those that fit no bucket
+        index.skipped_by_reason.update(+bad)
         return out
 
     def load(self, raw: dict[str, bytes], key: str, bucket: Bucket, rng: np.random.Generator) -> dict:

@@ -42,9 +42,11 @@ and decoded by the dataset (mp4 with the video decoder, txt as utf-8, json with 
 clips.py, samples.py): never unpickled, never `pipe:`.
 
 Bad samples are skipped, never fatal, and counted by reason: structural problems once, when the
-index is built (index.py: bad_tar, unsafe_name, non_contiguous_key, duplicate_member,
-missing_video), content problems when read (decode_error, decode_timeout, too_short,
-empty_caption, bad_caption, bad_json, no_bucket). A training batch replaces a bad sample by a
+index is built (index.py: bad_tar, unsafe_name, bad_name, not_a_file, sparse_member, too_large,
+non_contiguous_key, stray_member, duplicate_member, missing_video), size metadata when buckets
+are assigned (clips.py: bad_json, bad_meta, no_bucket), content problems when read
+(decode_error, decode_timeout, too_short, too_large, empty_caption, bad_caption, bad_json,
+shard_changed: a member cut short since the index was built). A training batch replaces a bad sample by a
 deterministic draw from the same bucket, so batch shapes and the order stay exact; validation
 just yields fewer. Counts ride on the next batch (`skipped`, `skipped_by_reason`), so they reach
 the training process from DataLoader workers. Fewer shards than workers is fine: workers split
@@ -287,6 +289,8 @@ class PlannedShardDataset(IterableDataset):
         ref = self.index.samples[index]
         try:
             raw = reader.read(ref, self.member_exts)
+        except EOFError as exn:  # the shard is shorter than when it was indexed
+            raise SampleError("shard_changed", f"{exn}; was the shard rewritten after the run started?") from None
         except OSError as exn:
             raise SampleError("bad_tar", f"{type(exn).__name__}: {exn}") from None
         # One stream per (seed, epoch, sample key): frames and crops depend neither on who reads

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dit_video.data.isolate import CallDied, CallTimedOut, IsolatedCall
 from dit_video.errors import SampleError
 
 try:
@@ -33,6 +34,18 @@ except ImportError:  # decord has wheels for x86-64 Linux only
     decord = None
 
 BACKENDS = ("auto", "decord", "pyav", "torchcodec")
+# Largest frame the loader decodes: 8192 x 8192 (4.3x a 4K UHD frame; 200 MB as RGB). A header
+# claiming more is refused before the decoder allocates anything (a 30000 x 30000 claim is 2.7 GB
+# a frame, and a decoder keeps several).
+MAX_PIXELS = 8192 * 8192
+# Containers the loader opens (FFmpeg demuxer names for VIDEO_EXTS): anything else in a video
+# member (a playlist naming other files, a raw stream, an image format) is refused unread.
+DEMUXERS = "mov,mp4,m4a,3gp,3g2,mj2,matroska,webm,avi"
+# AVFormatContext option, and AVCodecContext option for the decoders that probing opens.
+_LIMITS = {"format_whitelist": DEMUXERS, "max_pixels": str(MAX_PIXELS)}
+# Address space a decode process may add (isolate.IsolatedCall): a clip of 8192 x 8192 frames is
+# ~200 MB a frame; this leaves room for a 17-frame clip and the decoder, and no more.
+DECODE_MEMORY = 4 << 30
 
 
 def frame_indices(num_source: int, source_fps: float, num_frames: int, fps: float | None,
@@ -53,6 +66,25 @@ def frame_indices(num_source: int, source_fps: float, num_frames: int, fps: floa
     return start + offsets
 
 
+def open_video(data: bytes):
+    """(container, first video stream) of video bytes, opened with the loader's limits: only the
+    DEMUXERS, and every decoder (probing included) refuses frames above MAX_PIXELS, so a header
+    claiming a huge frame costs nothing. SampleError("too_large" / "decode_error") otherwise;
+    close the container when done."""
+    container = av.open(io.BytesIO(data), mode="r", options=_LIMITS)
+    try:
+        if not container.streams.video:
+            raise SampleError("decode_error", "no video stream in the container")
+        stream = container.streams.video[0]
+        # 0 x 0: probing could not decode a frame within the limit (or at all)
+        check_pixels(stream.codec_context.width, stream.codec_context.height, "video")
+        stream.codec_context.options = {"max_pixels": _LIMITS["max_pixels"]}  # a later, larger frame too
+    except BaseException:
+        container.close()
+        raise
+    return container, stream
+
+
 def _decode_decord(data: bytes, num_frames: int, fps: float | None, rng: np.random.Generator) -> np.ndarray:
     # num_threads=1: DataLoader workers already give one decode per core.
     reader = decord.VideoReader(io.BytesIO(data), num_threads=1)
@@ -61,31 +93,36 @@ def _decode_decord(data: bytes, num_frames: int, fps: float | None, rng: np.rand
 
 
 def _decode_pyav(data: bytes, num_frames: int, fps: float | None, rng: np.random.Generator) -> np.ndarray:
-    with av.open(io.BytesIO(data), mode="r") as container:
-        if not container.streams.video:
-            raise SampleError("decode_error", "no video stream in the container")
-        stream = container.streams.video[0]
-        stream.codec_context.thread_count = 1  # as for decord: one decode per worker process
+    container, stream = open_video(data)
+    with container:
         source_fps = float(stream.average_rate or stream.guessed_rate or 0)
         if source_fps <= 0:
             raise SampleError("decode_error", "video stream has no frame rate")
-        if stream.frames > 0:
-            # mp4 records the frame count in its index: decode only up to the last needed frame.
-            indices = frame_indices(stream.frames, source_fps, num_frames, fps, rng)
-            wanted = set(indices.tolist())
-            by_index, i = {}, -1
-            for i, frame in enumerate(container.decode(stream)):
-                if i in wanted:
-                    by_index[i] = frame.to_ndarray(format="rgb24")
-                if i >= indices[-1]:
-                    break
-            if len(by_index) < len(wanted):
-                raise SampleError("decode_error", f"stream ended at frame {i}, index says {stream.frames} frames")
-            return np.stack([by_index[i] for i in indices.tolist()])  # [T, H, W, 3]
-        # No frame count in the container: decode everything, then sample.
-        frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
-        indices = frame_indices(len(frames), source_fps, num_frames, fps, rng)
-        return np.stack([frames[i] for i in indices.tolist()])  # [T, H, W, 3]
+        count = stream.frames  # mp4 records the frame count in its index
+        if count > 0:
+            return _decode_indices(container, stream, frame_indices(count, source_fps, num_frames, fps, rng), count)
+        # webm and mkv may not: count the packets (demuxing only, no decoding) and decode again,
+        # rather than decode every frame of a possibly long video into a list.
+        count = sum(1 for packet in container.demux(stream) if packet.size)
+    indices = frame_indices(count, source_fps, num_frames, fps, rng)
+    container, stream = open_video(data)
+    with container:
+        return _decode_indices(container, stream, indices, count)
+
+
+def _decode_indices(container, stream, indices: np.ndarray, count: int) -> np.ndarray:
+    """Frames `indices` (sorted) of `stream`: decoding stops at the last, only the wanted are kept."""
+    stream.codec_context.thread_count = 1  # as for decord: one decode per worker process
+    wanted = set(indices.tolist())
+    by_index, i = {}, -1
+    for i, frame in enumerate(container.decode(stream)):
+        if i in wanted:
+            by_index[i] = frame.to_ndarray(format="rgb24")
+        if i >= indices[-1]:
+            break
+    if len(by_index) < len(wanted):
+        raise SampleError("decode_error", f"stream ended at frame {i}, the container says {count} frames")
+    return np.stack([by_index[i] for i in indices.tolist()])  # [T, H, W, 3]
 
 
 def _decode_torchcodec(data: bytes, num_frames: int, fps: float | None, rng: np.random.Generator) -> np.ndarray:
@@ -121,8 +158,10 @@ def decode_clip(data: bytes, num_frames: int, fps: float | None, rng: np.random.
                 backend: str = "auto") -> np.ndarray:
     """Decode `num_frames` frames sampled at `fps` from mp4 bytes -> uint8 [T, H, W, 3].
 
-    Raises SampleError("decode_error" | "too_short", detail) for bad or short videos and
-    nothing else for bad data; a wrong `backend` name is a ValueError (a config bug, not data).
+    Raises SampleError("decode_error" | "too_short" | "too_large", detail) for bad, short or
+    oversized videos and nothing else for bad data; a wrong `backend` name is a ValueError (a
+    config bug, not data). Memory stays bounded: frames above MAX_PIXELS are refused from the
+    header, and only the sampled frames are kept, whatever the video's length.
     """
     if backend not in BACKENDS:
         raise ValueError(f"decoder {backend!r} is not one of {BACKENDS}")
@@ -130,17 +169,25 @@ def decode_clip(data: bytes, num_frames: int, fps: float | None, rng: np.random.
         raise ValueError("decoder 'decord' is not installed here; use decoder 'auto' or 'pyav'")
     if num_frames < 1:
         raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+    if backend == "torchcodec" and torchcodec_problem():
+        raise ValueError(f"decoder 'torchcodec': {torchcodec_problem()}")
+
+    if backend != "pyav":
+        # decord and torchcodec probe with FFmpeg's defaults (a 12000 x 12000 header costs decord
+        # 1.5 GB before it fails): look at the bytes with the limits first.
+        try:
+            open_video(data)[0].close()
+        except SampleError:
+            raise
+        except Exception as exc:
+            raise SampleError("decode_error", f"probe: {type(exc).__name__}: {_first_line(exc)}") from None
     if backend == "torchcodec":
-        problem = torchcodec_problem()
-        if problem:
-            raise ValueError(f"decoder 'torchcodec': {problem}")
         try:
             return _decode_torchcodec(data, num_frames, fps, rng)
         except SampleError:
             raise
         except Exception as exc:  # RuntimeError / ValueError from FFmpeg for bad bytes
             raise SampleError("decode_error", f"torchcodec: {type(exc).__name__}: {_first_line(exc)}") from None
-
     if backend in ("auto", "decord") and decord is not None:
         state = rng.bit_generator.state  # so a PyAV retry draws the same start as decord would have
         try:
@@ -199,14 +246,28 @@ def resize_crop(frames: np.ndarray | torch.Tensor, size: tuple[int, int], mode: 
 
 
 def decode_image(data: bytes) -> np.ndarray:
-    """jpg/png/webp bytes -> uint8 [1, H, W, 3] (an image is a one-frame clip)."""
+    """jpg/png/webp bytes -> uint8 [1, H, W, 3] (an image is a one-frame clip).
+
+    Only JPEG, PNG and WebP are opened (whatever the member is called: Pillow's other formats
+    include some that run external programs), and the header's size is checked against
+    MAX_PIXELS before any pixel is decoded: SampleError("too_large") / ("decode_error")."""
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with Image.open(io.BytesIO(data), formats=("JPEG", "PNG", "WEBP")) as image:
+            check_pixels(*image.size, "image")
             return np.array(image.convert("RGB"))[None]  # [1, H, W, 3] (a writable copy)
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
+    except Image.DecompressionBombError as exc:  # the header claims more than Pillow's own limit
+        raise SampleError("too_large", f"image: {_first_line(exc)}") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise SampleError("decode_error", f"image: {type(exc).__name__}: {_first_line(exc)}") from None
+
+
+def check_pixels(width: int, height: int, what: str) -> None:
+    """SampleError("too_large") if a width x height frame is beyond MAX_PIXELS (or not a size)."""
+    if not (0 < width and 0 < height and width * height <= MAX_PIXELS):
+        raise SampleError("too_large", f"{what} claims {width}x{height} pixels; the limit is {MAX_PIXELS} "
+                          "(decode.MAX_PIXELS)")
 
 
 def decode_frames(video: str | Path | bytes, max_frames: int | None = None) -> np.ndarray:
@@ -224,49 +285,31 @@ def decode_frames(video: str | Path | bytes, max_frames: int | None = None) -> n
 
 
 class TimedCall:
-    """Run a function in a helper thread and give up on it after `timeout` seconds.
+    """Decode in a child process (isolate.IsolatedCall) that is killed after `timeout` seconds.
 
-    A decoder stuck inside FFmpeg cannot be interrupted from Python, so a call that times out
-    is abandoned: its daemon thread is left to finish (or hang) on its own, and the next call
-    gets a fresh thread. The caller sees SampleError("decode_timeout") and moves on, so one bad
-    file cannot stall training. timeout=None calls the function directly.
+    A decoder stuck inside FFmpeg cannot be interrupted from Python, and an abandoned thread would
+    go on decoding and allocating; a killed process stops. The caller sees
+    SampleError("decode_timeout") (a decoder that crashed or ran out of its DECODE_MEMORY:
+    "decode_error") and moves on, so one bad file cannot stall training. timeout=None calls the
+    function directly, in this process.
     """
 
-    def __init__(self, timeout: float | None):
+    def __init__(self, timeout: float | None, memory: int | None = DECODE_MEMORY):
         if timeout is not None and not timeout > 0:
             raise ValueError(f"decode timeout must be > 0 seconds or None, got {timeout!r}")
         self.timeout = timeout
-        self._jobs = None  # queue.Queue of (fn, args, result queue) for the current helper thread
-
-    def __getstate__(self) -> dict:
-        return {"timeout": self.timeout, "_jobs": None}  # each process (worker) starts its own thread
+        self.memory = memory
+        self._call = None if timeout is None else IsolatedCall(timeout, memory)
 
     def __call__(self, fn, *args):
-        if self.timeout is None:
+        if self._call is None:
             return fn(*args)
-        import queue
-        import threading
-
-        if self._jobs is None:
-            self._jobs = queue.Queue()
-            threading.Thread(target=_serve, args=(self._jobs,), daemon=True, name="dit-video-decode").start()
-        done: queue.Queue = queue.Queue(maxsize=1)
-        self._jobs.put((fn, args, done))
         try:
-            ok, value = done.get(timeout=self.timeout)
-        except queue.Empty:
-            self._jobs.put(None)  # the stuck thread exits if it ever returns
-            self._jobs = None
-            raise SampleError("decode_timeout", f"decoding took longer than {self.timeout:g} s; abandoned") from None
-        if ok:
-            return value
-        raise value
-
-
-def _serve(jobs) -> None:
-    while (job := jobs.get()) is not None:
-        fn, args, done = job
-        try:
-            done.put((True, fn(*args)))
-        except BaseException as exc:  # handed to the caller, which re-raises it
-            done.put((False, exc))
+            return self._call(fn, *args)
+        except CallTimedOut:
+            raise SampleError("decode_timeout", f"decoding took longer than {self.timeout:g} s; "
+                              "its process was killed") from None
+        except CallDied as exc:
+            raise SampleError("decode_error", f"the decode process died: {exc}") from None
+        except MemoryError:
+            raise SampleError("too_large", f"decoding needed more than {self.memory} more bytes") from None

@@ -1,7 +1,8 @@
 """One sample's members -> the fields of an item, and items -> a batch of clips.
 
 Members arrive as bytes read by offset (index.MemberReader) and are decoded here or in decode.py:
-txt as utf-8 (read_caption), json with `json` (read_meta), never unpickled. video_ext_of and
+txt as utf-8 (read_caption), json with `json` (read_meta; size_of checks the sizes bucketing
+uses), never unpickled. video_ext_of and
 image_ext_of say which member holds the pixels; key_seed gives each sample key its own random
 stream; collate_clips stacks clips of one shape into a batch.
 """
@@ -10,12 +11,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections import Counter
 
 import torch
 
 from dit_video.data.index import IMAGE_EXTS, VIDEO_EXTS
 from dit_video.errors import SampleError
+
+# Metadata beyond these is a lie (or a mistake), not a sample to bucket: 64k pixels a side, 100
+# hours at 240 fps, and a frame rate no camera records.
+MAX_DIMENSION = 1 << 16
+MAX_FRAMES = 100 * 3600 * 240
+MAX_FPS = 10_000.0
 
 
 def key_seed(key: str) -> int:
@@ -41,11 +49,32 @@ def read_meta(raw: dict[str, bytes]) -> dict | None:
         return None
     try:
         meta = json.loads(raw["json"].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exn:
-        raise SampleError("bad_json", str(exn)[:200]) from None
+    # ValueError: also an integer literal past Python's digit limit; RecursionError: deep nesting
+    except (ValueError, RecursionError) as exn:
+        raise SampleError("bad_json", f"{type(exn).__name__}: {str(exn)[:200]}") from None
     if not isinstance(meta, dict):
         raise SampleError("bad_json", f"metadata is a {type(meta).__name__}, not an object")
     return meta
+
+
+def size_of(meta: dict, is_image: bool) -> tuple[int, int, int, float]:
+    """(width, height, frames, fps) from a sample's metadata, for bucketing: frames is 1 for an
+    image, fps 1.0 when absent. KeyError if a size field is missing; SampleError("bad_meta") for a
+    value that is not a positive finite number in range (a lie that would divide by zero or
+    overflow in the bucket arithmetic, or send a sample to a bucket it cannot fill)."""
+    fields = {"width": MAX_DIMENSION, "height": MAX_DIMENSION, "frames": MAX_FRAMES, "fps": MAX_FPS}
+    given = {"width": meta["width"], "height": meta["height"], "frames": 1 if is_image else meta["frames"],
+             "fps": 1.0 if meta.get("fps") is None else meta["fps"]}
+    out = {}
+    for name, limit in fields.items():
+        try:
+            value = math.nan if isinstance(given[name], bool) else float(given[name])
+        except (TypeError, ValueError, OverflowError):
+            value = math.nan
+        if not 0 < (value if name == "fps" else math.floor(value) if math.isfinite(value) else value) <= limit:
+            raise SampleError("bad_meta", f"metadata {name}={given[name]!r:.40} is not a number in (0, {limit}]")
+        out[name] = value if name == "fps" else int(value)
+    return out["width"], out["height"], out["frames"], out["fps"]
 
 
 def video_ext_of(members) -> str | None:

@@ -37,35 +37,65 @@ def encode_mp4(frames: np.ndarray, fps: float, crf: int = 18) -> bytes:
 
     yuv420p needs even H and W. crf 18 is visually lossless for the tiny flat-coloured demo
     clips (their hue survives the 2x chroma subsampling); every frame is an I- or P-frame (no
-    B-frames) so decoders seek simply and the file stays small.
+    B-frames) so decoders seek simply and the file stays small. Byte-identical for identical
+    frames (one encoder thread, no threaded lookahead): see Mp4Encoder.
     """
     if not isinstance(frames, np.ndarray) or frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
         got = (type(frames).__name__, getattr(frames, "dtype", None), getattr(frames, "shape", None))
         raise ValueError(f"encode_mp4: frames must be a uint8 numpy array [T, H, W, 3], got {got}")
-    num_frames, height, width, _ = frames.shape
-    if num_frames == 0:
+    if frames.shape[0] == 0:
         raise ValueError("encode_mp4: frames is empty (T = 0)")
-    if height % 2 or width % 2:
-        raise ValueError(
-            f"encode_mp4: H and W must be even for yuv420p, got {height}x{width}; crop or resize first"
-        )
-    if not fps > 0:
-        raise ValueError(f"encode_mp4: fps must be > 0, got {fps}")
+    encoder = Mp4Encoder(frames.shape[2], frames.shape[1], fps, crf)
+    encoder.add(frames)
+    return encoder.finish()
 
-    buffer = io.BytesIO()
-    with av.open(buffer, mode="w", format="mp4") as container:
-        rate = Fraction(fps).limit_denominator(1001)
-        stream = container.add_stream("libx264", rate=rate)
+
+class Mp4Encoder:
+    """encode_mp4 a few frames at a time: data_prep.ingest streams a long source through it, so no
+    clip is ever held whole in memory. add(uint8 [t, H, W, 3]) any number of times, then finish()
+    -> mp4 bytes (the same bytes encode_mp4 gives for all the frames at once)."""
+
+    def __init__(self, width: int, height: int, fps: float, crf: int = 18):
+        if height % 2 or width % 2:
+            raise ValueError(
+                f"encode_mp4: H and W must be even for yuv420p, got {height}x{width}; crop or resize first"
+            )
+        if not fps > 0:
+            raise ValueError(f"encode_mp4: fps must be > 0, got {fps}")
+        self.width, self.height, self.frames = width, height, 0
+        self._buffer = io.BytesIO()
+        self._container = av.open(self._buffer, mode="w", format="mp4")
+        stream = self._container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
         stream.width, stream.height = width, height
         stream.pix_fmt = "yuv420p"
-        # threads=1: clips are tiny, and frame threading only adds latency and start-up cost.
-        stream.options = {"crf": str(crf), "preset": "fast", "threads": "1", "x264-params": "bframes=0"}
-        yuv = rgb_to_yuv420p(frames)  # [T, H * 3 / 2, W]
-        for t in range(num_frames):
+        # One thread, no sliced or lookahead threads: threaded x264 can decide differently when the
+        # machine is busy, and shards must be byte-identical for identical inputs. Clips are tiny,
+        # so threads would only add start-up cost anyway.
+        stream.codec_context.thread_count = 1
+        stream.options = {"crf": str(crf), "preset": "fast", "threads": "1",
+                          "x264-params": "bframes=0:threads=1:lookahead-threads=1:sliced-threads=0"}
+        self._stream = stream
+
+    def add(self, frames: np.ndarray) -> None:
+        if frames.shape[1:] != (self.height, self.width, 3):
+            raise ValueError(f"encode_mp4: frames are {frames.shape[1:]}, the clip is {(self.height, self.width, 3)}")
+        yuv = rgb_to_yuv420p(frames)  # [t, H * 3 / 2, W]
+        for t in range(len(frames)):
             frame = av.VideoFrame.from_ndarray(yuv[t], format="yuv420p")
-            container.mux(stream.encode(frame))
-        container.mux(stream.encode())  # flush the encoder
-    return buffer.getvalue()
+            self._container.mux(self._stream.encode(frame))
+        self.frames += len(frames)
+
+    def finish(self) -> bytes:
+        if self.frames == 0:
+            self._container.close()
+            raise ValueError("encode_mp4: frames is empty (T = 0)")
+        self._container.mux(self._stream.encode())  # flush the encoder
+        self._container.close()
+        return self._buffer.getvalue()
+
+    def close(self) -> None:
+        """Give up on the clip (no bytes)."""
+        self._container.close()
 
 
 def rgb_to_yuv420p(frames: np.ndarray) -> np.ndarray:
