@@ -85,6 +85,31 @@ def test_multinode_sbatch_runs_srun_with_resumable_train_command(tmp_path):
     assert "run_dir=outputs/dit-video/777123" in (tmp_path / "srun_args").read_text().splitlines()
 
 
+@pytest.mark.parametrize("script", sorted(LAUNCH.glob("slurm/*.sbatch")), ids=lambda p: p.name)
+def test_sbatch_scripts_give_srun_the_cpus_per_task(tmp_path, script):
+    """Slurm >= 22.05: srun does not inherit --cpus-per-task from sbatch, so each task (and its
+    decode workers) may get one core. The scripts pass it to srun and export SRUN_CPUS_PER_TASK."""
+    bin_dir = fake_slurm_bin(tmp_path, [f"gpu-{i:03d}" for i in range(17, 25)])
+    proc = subprocess.run(["bash", str(script)], cwd=ROOT, env=slurm_env(bin_dir), capture_output=True, text=True,
+                          timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    args = (tmp_path / "srun_args").read_text().splitlines()
+    assert "--cpus-per-task=12" in args[: args.index("python")], args  # an srun option, not a train.py override
+    env = dict(line.split("=", 1) for line in (tmp_path / "srun_env").read_text().splitlines() if "=" in line)
+    assert env["SRUN_CPUS_PER_TASK"] == "12"
+
+
+def test_env_sh_takes_the_first_host_of_a_long_list_under_pipefail(tmp_path):
+    """`scontrol show hostnames | head -n 1` under `set -o pipefail` dies of SIGPIPE (exit 141)
+    when scontrol still writes after head has exited: a long host list makes that certain."""
+    bin_dir = fake_slurm_bin(tmp_path, [])
+    (bin_dir / "scontrol").write_text("#!/bin/sh\nseq -f 'gpu-%06g' 1 200000\n")
+    proc = subprocess.run(["bash", "-c", 'set -euo pipefail; source launch/slurm/env.sh; echo "$MASTER_ADDR"'],
+                          cwd=ROOT, env=slurm_env(bin_dir), capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, (proc.returncode, proc.stderr)
+    assert proc.stdout.strip() == "gpu-000001"
+
+
 _PROBE = """
 import json
 from lightning.fabric.plugins.environments import SLURMEnvironment
@@ -123,3 +148,5 @@ def test_submitit_launcher_preset_composes():
     assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node) == (8, 8, 8)
     assert launcher.signal_delay_s == 120 and launcher.additional_parameters.requeue is True
     assert "SIGUSR2" in cfg.preemption.requeue_signals  # submitit's signal saves and requeues
+    # submitit's srun passes no --cpus-per-task; Slurm >= 22.05 reads it from SRUN_CPUS_PER_TASK
+    assert "export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK" in launcher.setup
