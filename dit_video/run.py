@@ -21,7 +21,11 @@ from pathlib import Path
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
-from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.fabric.plugins.environments import (
+    LightningEnvironment,
+    SLURMEnvironment,
+    TorchElasticEnvironment,
+)
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 from lightning.pytorch.loggers import WandbLogger
@@ -148,19 +152,51 @@ def build_strategy(cfg: DictConfig, trainer_kwargs: dict):
     plugins = []
     if strategy_cfg.kind in ("single", "ddp"):
         plugins.append(SafeCheckpointIO())  # atomic writes, weights_only loads
-    if SLURMEnvironment.detect():
-        # dit_video.callbacks.Preemption saves and requeues; Lightning's own handler would write a
-        # second, differently named checkpoint that ckpt_path=auto does not know.
-        plugins.append(SLURMEnvironment(auto_requeue=False))
+    environment = cluster_environment(_devices_per_node(trainer_kwargs), int(trainer_kwargs.get("num_nodes", 1)))
+    if environment is not None:
+        plugins.append(environment)
     return strategy, plugins
 
 
-def _world_size(trainer_kwargs: dict) -> int:
+def cluster_environment(devices: int, num_nodes: int):
+    """Who starts the processes and numbers the ranks: None (Lightning's own choice), SLURM or Lightning.
+
+    Lightning's rule: SLURM manages the processes only if srun started one task per device
+    (SLURM_NTASKS = devices x nodes). torchrun inside an sbatch allocation keeps its own ranks
+    (TorchElastic first, as Lightning orders them), and one SLURM task with several devices lets
+    Lightning start the device processes itself. Any other task count cannot work: ConfigError.
+    """
+    if TorchElasticEnvironment.detect() or not SLURMEnvironment.detect():  # torchrun; no srun (or an interactive job)
+        return None
+    tasks, world = int(os.environ["SLURM_NTASKS"]), devices * num_nodes
+    if tasks == world:
+        try:
+            # dit_video.callbacks.Preemption saves and requeues; Lightning's own handler would write a
+            # second, differently named checkpoint that ckpt_path=auto does not know.
+            environment = SLURMEnvironment(auto_requeue=False)
+            environment.validate_settings(num_devices=devices, num_nodes=num_nodes)  # tasks per node, nodes
+        except (ValueError, RuntimeError) as err:
+            raise ConfigError(f"SLURM allocation vs trainer.devices/trainer.num_nodes: {err}") from None
+        return environment
+    if tasks == 1 and num_nodes == 1:
+        return LightningEnvironment()  # one task: Lightning launches the device processes (SLURM's ranks are all 0)
+    raise ConfigError(
+        f"SLURM started {tasks} task(s) but trainer.devices x trainer.num_nodes = {devices} x "
+        f"{num_nodes} = {world}: run one task per device (sbatch --ntasks-per-node={devices} --nodes={num_nodes}) "
+        f"or set trainer.devices/trainer.num_nodes to the allocation"
+    )
+
+
+def _devices_per_node(trainer_kwargs: dict) -> int:
     devices = trainer_kwargs.get("devices", 1)
     per_node = len(devices) if isinstance(devices, list) else devices
     if not isinstance(per_node, int) or per_node < 1:
         raise ConfigError(f"trainer.devices={devices!r}: give the number of devices per node (an integer)")
-    return per_node * int(trainer_kwargs.get("num_nodes", 1))
+    return per_node
+
+
+def _world_size(trainer_kwargs: dict) -> int:
+    return _devices_per_node(trainer_kwargs) * int(trainer_kwargs.get("num_nodes", 1))
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path, extra_callbacks=()):
