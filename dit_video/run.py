@@ -40,6 +40,7 @@ from dit_video.build import (
     build_parallel,
     build_text_encoder,
     build_vae,
+    check_training_shapes,
     data_config_class,
     dataclass_from,
     encoder_identities,
@@ -296,6 +297,10 @@ def _hydra_run_dir() -> str:
 def train_dit(cfg: DictConfig, run_dir: Path) -> None:
     data_cfg, datamodule = build_data(cfg)
     vae = build_vae(cfg)
+    objective = build_objective_from(cfg)
+    # Every bucket against the patch size and the sequence-parallel split, before the text encoder
+    # (T5-XXL: minutes to load) is built: its widths change no token count, so placeholders do here.
+    check_training_shapes(cfg, data_cfg, vae, build_dit_config(cfg.model, vae.latent_channels, 1, 1), objective)
     text_encoder = build_text_encoder(cfg)
     identities = encoder_identities(cfg, vae, text_encoder)  # {"vae": ..., "text_encoder": ...}, hashed once per node
     if data_cfg.kind == "latents":  # a cache made by other encoders would train on the wrong latents
@@ -312,14 +317,8 @@ def train_dit(cfg: DictConfig, run_dir: Path) -> None:
         dit_cfg.validate(latent_shape)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    if data_cfg.kind == "clips" and data_cfg.image_ratio > 0:  # image batches are one latent frame
-        try:
-            dit_cfg.validate((1, *latent_shape[1:]))
-        except ValueError as err:
-            raise ConfigError(f"data.image_ratio={data_cfg.image_ratio} trains on 1-frame latents: {err}") from None
     if data_cfg.kind == "clips" and data_cfg.packing.enabled:  # token-budget packs count each bucket's DiT tokens
         datamodule.tokens_per_clip = lambda t, h, w: math.prod(dit_cfg.grid(vae.latent_shape(t, h, w)))
-    objective = build_objective_from(cfg)
     optim = dataclass_from(OptimConfig, cfg.optim, "optim")
     optim.validate()
     meta = run_metadata(cfg) | {
