@@ -21,7 +21,13 @@ from dit_video.data.datamodule import VideoDataModule
 from dit_video.data.latents import LatentDataConfig, LatentDataModule
 from dit_video.diffusion import build_objective
 from dit_video.distributed import files_key, once_per_node
-from dit_video.encoders.causal_vae import TilingConfig, load_vae
+from dit_video.encoders.causal_vae import (
+    CausalVAEConfig,
+    TilingConfig,
+    VAELossConfig,
+    check_video_size,
+    load_vae,
+)
 from dit_video.encoders.pretrained_vae import PretrainedVAEConfig, load_pretrained_vae
 from dit_video.encoders.text import minilm_path
 from dit_video.encoders.text_concat import build_text_encoder as build_text_encoders
@@ -131,6 +137,25 @@ def build_vae(cfg: DictConfig):
         return load_pretrained_vae(PretrainedVAEConfig.from_node(OmegaConf.to_container(cfg.vae, resolve=True)))
     except (ValueError, ImportError) as err:  # a bad vae.path/field, or diffusers not installed
         raise ConfigError(str(err)) from None
+
+
+def vae_training_configs(cfg: DictConfig, data_cfg) -> tuple[CausalVAEConfig, VAELossConfig]:
+    """The architecture and loss `task=vae` trains, from cfg.vae (ConfigError naming the field)."""
+    vae_node = OmegaConf.to_container(cfg.vae, resolve=True)
+    loss_cfg = dataclass_from(VAELossConfig, vae_node.pop("loss"), "vae.loss")
+    tiling = vae_node.pop("tiling", None)  # how the trained VAE encodes/decodes, not its architecture
+    vae_node.pop("path", None)
+    try:
+        vae_cfg = dataclass_from(CausalVAEConfig, vae_node, "vae").validate()
+        check_video_size(data_cfg.num_frames, *data_cfg.size, vae_cfg.temporal_factor, vae_cfg.spatial_factor)
+    except ValueError as err:
+        raise ConfigError(f"data.num_frames/data.size do not fit vae: {err}") from None
+    try:
+        dataclass_from(TilingConfig, tiling or {}, "vae.tiling").validate(vae_cfg)
+        loss_cfg.validate()
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    return vae_cfg, loss_cfg
 
 
 def encoder_identities(cfg: DictConfig, vae, text_encoder) -> dict:

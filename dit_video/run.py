@@ -44,6 +44,7 @@ from dit_video.build import (
     data_config_class,
     dataclass_from,
     encoder_identities,
+    vae_training_configs,
 )
 from dit_video.callbacks import NonFiniteGuard, Preemption, RNGState
 from dit_video.checkpoint.paths import resolve_ckpt_path
@@ -51,11 +52,7 @@ from dit_video.checkpoint.resume import with_loader_state
 from dit_video.checkpoint.save import SafeCheckpointIO, StepCheckpoint
 from dit_video.encoders.causal_vae import (
     CausalVAE,
-    CausalVAEConfig,
-    TilingConfig,
     VAELoss,
-    VAELossConfig,
-    check_video_size,
     compute_latent_stats,
     save_vae,
 )
@@ -269,10 +266,10 @@ def train(cfg: DictConfig) -> Path:
     L.seed_everything(int(cfg.seed), workers=True)
     run_dir = Path(cfg.get("run_dir") or _hydra_run_dir())
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    if rank_zero_only.rank == 0:  # one writer: N ranks rewriting the same files on a shared disk race
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        write_environment(run_dir)  # git commit + dirty flag, command line, package versions
     print_config(cfg, run_dir)
-
-    write_environment(run_dir)  # git commit + dirty flag, command line, package versions
     if cfg.task == "vae":
         train_vae(cfg, run_dir)
     else:
@@ -335,18 +332,9 @@ def train_dit(cfg: DictConfig, run_dir: Path) -> None:
 
 def train_vae(cfg: DictConfig, run_dir: Path) -> None:
     data_cfg, datamodule = build_data(cfg)
-    vae_node = OmegaConf.to_container(cfg.vae, resolve=True)
-    loss_cfg = dataclass_from(VAELossConfig, vae_node.pop("loss"), "vae.loss")
-    tiling = vae_node.pop("tiling", None)  # how the trained VAE encodes/decodes, not its architecture
-    vae_node.pop("path", None)
+    vae_cfg, loss_cfg = vae_training_configs(cfg, data_cfg)
     try:
-        vae_cfg = dataclass_from(CausalVAEConfig, vae_node, "vae").validate()
-        check_video_size(data_cfg.num_frames, *data_cfg.size, vae_cfg.temporal_factor, vae_cfg.spatial_factor)
-    except ValueError as err:
-        raise ConfigError(f"data.num_frames/data.size do not fit vae: {err}") from None
-    try:
-        dataclass_from(TilingConfig, tiling or {}, "vae.tiling").validate(vae_cfg)
-        objective = VAELoss(loss_cfg)  # validates vae.loss; loads LPIPS from vae.loss.lpips_path if asked
+        objective = VAELoss(loss_cfg)  # loads LPIPS from vae.loss.lpips_path if asked
     except (ValueError, FileNotFoundError) as err:
         raise ConfigError(str(err)) from None
     vae = CausalVAE(vae_cfg)

@@ -238,3 +238,31 @@ def test_a_slurm_allocation_that_cannot_match_the_trainer_is_a_config_error(monk
 
     with pytest.raises(ConfigError, match=match):
         lightning_trainer_under(monkeypatch, env, devices=devices, num_nodes=num_nodes)
+
+
+def test_first_cluster_run_checklist_quotes_what_the_code_prints(tmp_path, capsys):
+    """Every line the checklist in launch/README.md says to look for is one the code (ours or
+    Lightning's) prints, so the checklist cannot drift from the code."""
+    import lightning
+
+    from dit_video.preflight import main as preflight_main
+
+    readme = (LAUNCH / "README.md").read_text()
+    checklist = readme[readme.index("## First cluster run"):readme.index("## 1. The demo")]
+    ours = "".join((ROOT / f).read_text() for f in ("dit_video/run.py", "dit_video/checkpoint/save.py",
+                                                      "dit_video/callbacks.py"))
+    lightning_src = "".join(p.read_text() for p in Path(lightning.__file__).parent.rglob("*.py")
+                            if p.name in ("checkpoint_connector.py", "distributed.py"))
+    for quoted, source in [("checkpoint saved: ", ours), ("run directory: ", ours), ("requeued SLURM job ", ours),
+                           ("received %s: saving a checkpoint at step %d and stopping", ours),
+                           ("Restoring states from the checkpoint path at ", lightning_src),
+                           ("All distributed processes registered. Starting with ", lightning_src)]:
+        assert quoted in source, quoted
+        assert quoted.replace("%s", "SIGUSR1").replace("%d", "N") in checklist.replace("\n   ", " "), quoted
+    preflight_main(["+experiment=dit_256"])
+    assert capsys.readouterr().out.splitlines()[0] in checklist
+    bin_dir = fake_slurm_bin(tmp_path, ["gpu-017"])
+    proc = subprocess.run(["bash", str(LAUNCH / "slurm" / "train_1node.sbatch")], cwd=ROOT, capture_output=True,
+                          text=True, env=slurm_env(bin_dir, SLURM_JOB_NUM_NODES="1"), timeout=30)
+    printed = proc.stdout.splitlines()[0].replace("777123", "<jobid>").replace("gpu-017", "<host>")
+    assert printed.replace(str(20000 + 777123 % 10000), "<port>") in checklist.replace("\n   ", " ")
