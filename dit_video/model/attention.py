@@ -47,20 +47,23 @@ class PackedMask:
     q_lens [S] and k_lens [S]: tokens per segment along the query and the key axis (both packed
     contiguously, segment 0 first). A segment with no keys (e.g. a caption with no real token)
     gets zero output, as a fully masked query row does everywhere else.
+    max_seqlen: (q, k) upper bounds of the segment lengths known on the host (flash-attn sizes its
+    grid by them); None reads the maxima back from the device, a host sync.
     """
 
-    def __init__(self, q_lens: torch.Tensor, k_lens: torch.Tensor):
+    def __init__(self, q_lens: torch.Tensor, k_lens: torch.Tensor, max_seqlen: tuple[int, int] | None = None):
         self.q_lens, self.k_lens = q_lens, k_lens  # [S], [S]
         self.cu_seqlens_q, self.cu_seqlens_k = _cu_seqlens(q_lens), _cu_seqlens(k_lens)  # [S+1] int32
-        self.max_seqlen_q, self.max_seqlen_k = int(q_lens.max()), int(k_lens.max())
+        self.max_seqlen_q, self.max_seqlen_k = max_seqlen or (int(q_lens.max()), int(k_lens.max()))
         self._dense: torch.Tensor | None = None
 
-    def dense(self) -> torch.Tensor:
-        """The same mask as a bool [1, 1, ΣNq, ΣNk] tensor (True = may attend), built on first use."""
+    def dense(self, n_q: int | None = None, n_k: int | None = None) -> torch.Tensor:
+        """The same mask as a bool [1, 1, ΣNq, ΣNk] tensor (True = may attend), built on first use.
+        n_q, n_k: ΣNq and ΣNk when the caller knows them (else read back from the device)."""
         if self._dense is None:
             segments = torch.arange(len(self.q_lens), device=self.q_lens.device)  # [S]
-            q_seg = segments.repeat_interleave(self.q_lens)  # [ΣNq] segment of each query
-            k_seg = segments.repeat_interleave(self.k_lens)  # [ΣNk] segment of each key
+            q_seg = segments.repeat_interleave(self.q_lens, output_size=n_q)  # [ΣNq] segment of each query
+            k_seg = segments.repeat_interleave(self.k_lens, output_size=n_k)  # [ΣNk] segment of each key
             self._dense = (q_seg[:, None] == k_seg[None, :])[None, None]  # [1, 1, ΣNq, ΣNk]
         return self._dense
 
@@ -78,7 +81,7 @@ def attention(
     if isinstance(mask, PackedMask):
         if backend == "flash" and flash_can_run(q):
             return _flash_packed_attention(q, k, v, mask)
-        mask = mask.dense()  # [1, 1, Nq, Nk]
+        mask = mask.dense(q.shape[2], k.shape[2])  # [1, 1, Nq, Nk]
     if backend == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     if backend == "math":
