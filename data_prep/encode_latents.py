@@ -24,6 +24,15 @@ new window and crop every epoch; a cache trades that augmentation for speed.
 Resumable: input shard i becomes latents-{i:06d}.tar, written under a temporary name and
 renamed when complete; a rerun skips shards already written. The encoder identities are checked
 against an existing cache.json first, so a rerun with other weights cannot mix two caches.
+
+On GPUs, one process per GPU (torchrun sets RANK / WORLD_SIZE / LOCAL_RANK):
+
+    torchrun --nproc_per_node 8 -m data_prep.encode_latents --shards ... --out ... --vae-config wan \
+        vae.path=... --text-encoder t5_xxl --device auto --text-dtype bfloat16
+
+Rank r encodes input shards r, r + W, r + 2W, ... on `--device` (auto: cuda:LOCAL_RANK, else
+cpu); rank 0 writes the empty-caption embedding and, once every rank is done, cache.json. Each
+shard's output depends only on that shard, so W processes write the same files as one.
 """
 
 from __future__ import annotations
@@ -36,9 +45,11 @@ import sys
 import tarfile
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from data_prep.latent_stats import load_vae_node
@@ -56,7 +67,7 @@ from dit_video.data.latents import (
     vae_key,
 )
 from dit_video.encoders.base import clip_to_video
-from dit_video.encoders.causal_vae import load_vae
+from dit_video.encoders.causal_vae import CausalVideoAutoencoder, load_vae
 from dit_video.encoders.text import HFTextEncoder
 from dit_video.encoders.text_concat import build_text_encoder
 
@@ -76,7 +87,7 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 @torch.no_grad()
 def encode_shard(shard: str, out_path: Path, vae, text_encoder, bucket: Bucket, fps: float | None, seed: int,
-                 decoder: str, num_workers: int, dtype: torch.dtype) -> dict:
+                 decoder: str, num_workers: int, dtype: torch.dtype, device: torch.device | str = "cpu") -> dict:
     """One clip shard -> one latent shard; returns {"samples", "skipped_by_reason"}."""
     from safetensors.torch import save as save_safetensors
     from torch.utils.data import DataLoader
@@ -91,8 +102,8 @@ def encode_shard(shard: str, out_path: Path, vae, text_encoder, bucket: Bucket, 
     with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
         for batch in loader:
             skipped.update(batch["skipped_by_reason"])
-            latents = vae.encode(clip_to_video(batch["clip"])).float()  # [B, C, T', H', W']
-            text_emb, text_mask = text_encoder.encode(batch["caption"])  # [B, L, D], [B, L]
+            latents = vae.encode(clip_to_video(batch["clip"].to(device))).float().cpu()  # [B, C, T', H', W']
+            text_emb, text_mask = (x.cpu() for x in text_encoder.encode(batch["caption"]))  # [B, L, D], [B, L]
             for i, key in enumerate(batch["key"]):
                 n = int(text_mask[i].sum())
                 tensors = {"latents": latents[i].to(dtype).contiguous(),  # [C, T', H', W']
@@ -105,12 +116,21 @@ def encode_shard(shard: str, out_path: Path, vae, text_encoder, bucket: Bucket, 
     return {"samples": count, "skipped_by_reason": dict(skipped)}
 
 
+def _no_barrier() -> None:
+    return None
+
+
 @torch.no_grad()
 def encode_latents(shards: list[str], out_root: str | os.PathLike, vae, text_encoder, num_frames: int,
                    size: tuple[int, int], fps: float | None, batch_size: int = 16, seed: int = 0,
                    decoder: str = "auto", num_workers: int = 0, dtype: str = "float32",
-                   progress: bool = False) -> Path:
-    """Encode `shards` into a latent cache under `out_root`; returns the cache folder."""
+                   progress: bool = False, device: torch.device | str = "cpu", rank: int = 0, world_size: int = 1,
+                   barrier: Callable[[], None] = _no_barrier) -> Path:
+    """Encode `shards` into a latent cache under `out_root`; returns the cache folder.
+
+    The VAE and text encoder must already be on `device`. With world_size > 1 this process (rank)
+    encodes shards rank, rank + world_size, ...; `barrier` waits for every process (collective:
+    all ranks call this function with the same arguments)."""
     from safetensors.torch import save_file
 
     if dtype not in DTYPES:
@@ -123,31 +143,43 @@ def encode_latents(shards: list[str], out_root: str | os.PathLike, vae, text_enc
     meta_path = out / CACHE_FILE
     if meta_path.is_file():
         check_identity(json.loads(meta_path.read_text()), vae_id, text_id, where=str(out))
-    null_emb, null_mask = text_encoder.encode([""])  # [1, L0, D], [1, L0]
-    save_file({"text_emb": null_emb[0].float().contiguous(), "text_mask": null_mask[0].to(torch.uint8).bool()},
-              str(out / NULL_TEXT_FILE))
+    if rank == 0:
+        null_emb, null_mask = text_encoder.encode([""])  # [1, L0, D], [1, L0]
+        save_file({"text_emb": null_emb[0].float().cpu().contiguous(),
+                   "text_mask": null_mask[0].cpu().to(torch.uint8).bool()}, str(out / NULL_TEXT_FILE))
 
     state_dir = out / ".done"
     state_dir.mkdir(exist_ok=True)
-    start = time.perf_counter()
+    mine = list(range(rank, len(shards), world_size))  # round-robin: each shard's output depends on it alone
     bar = None
-    if progress:
+    if progress and rank == 0:
         from rich.progress import Progress
 
         bar = Progress()
         bar.start()
-        task = bar.add_task("encode latents", total=len(shards))
-    for i, shard in enumerate(shards):
+        task = bar.add_task(f"encode latents (rank 0 of {world_size})", total=len(mine))
+    for i in mine:
         target = out / f"latents-{i:06d}.tar"
         done = state_dir / f"latents-{i:06d}.json"
         if not (target.is_file() and done.is_file()):
-            result = encode_shard(shard, target, vae, text_encoder, bucket, fps, seed, decoder, num_workers,
-                                  DTYPES[dtype])
-            done.write_text(json.dumps({"shard": shard, **result}))
+            result = encode_shard(shards[i], target, vae, text_encoder, bucket, fps, seed, decoder, num_workers,
+                                  DTYPES[dtype], device)
+            done.write_text(json.dumps({"shard": shards[i], **result}))
         if bar:
             bar.advance(task)
     if bar:
         bar.stop()
+    barrier()  # every shard written before rank 0 sums them up
+    if rank == 0:
+        _write_meta(out, shards, vae, vae_id, text_id, num_frames, size, fps, dtype, seed)
+    barrier()  # cache.json exists for every rank's caller
+    return out
+
+
+def _write_meta(out: Path, shards: list[str], vae, vae_id: dict, text_id: dict, num_frames: int,
+                size: tuple[int, int], fps: float | None, dtype: str, seed: int) -> None:
+    """cache.json from the per-shard results (written last, atomically: its presence marks a complete cache)."""
+    state_dir = out / ".done"
     results = [json.loads((state_dir / f"latents-{i:06d}.json").read_text()) for i in range(len(shards))]
     skipped: Counter = Counter()
     for r in results:
@@ -161,12 +193,11 @@ def encode_latents(shards: list[str], out_root: str | os.PathLike, vae, text_enc
         "latent_shape": [c, *vae.latent_shape(num_frames, *size)],
         "dtype": dtype, "seed": seed, "samples": sum(r["samples"] for r in results),
         "skipped_by_reason": dict(skipped), "source_shards": [r["shard"] for r in results],
-        "seconds": round(time.perf_counter() - start, 2),
-    }
+    }  # no timing: the same shards and encoders give the same bytes, on 1 process or W
+    meta_path = out / CACHE_FILE
     tmp = meta_path.with_name(CACHE_FILE + ".partial")
     tmp.write_text(json.dumps(meta, indent=2) + "\n")
     os.replace(tmp, meta_path)
-    return out
 
 
 def load_text_encoder(spec: str, max_length: int | None, dtype: str | None):
@@ -212,8 +243,14 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--seed", type=int, default=0, help="frame starts (use the training data.seed)")
     parser.add_argument("--decoder", default="auto")
     parser.add_argument("--dtype", default="float32", help="stored latent dtype: float32 | bfloat16 | float16")
+    parser.add_argument("--device", default="auto", help="where the encoders run: auto (cuda:LOCAL_RANK if a GPU "
+                        "is there, else cpu) | cpu | cuda | cuda:N")
+    parser.add_argument("--vae-dtype", default=None, choices=sorted(DTYPES),
+                        help="our causal VAE's weights and compute dtype (default: as saved, float32); a "
+                             "pretrained VAE takes vae.dtype=... instead (it is part of its identity)")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))  # torchrun's
     if args.vae is not None and args.overrides:
         parser.error(f"{args.overrides[0]}: vae.FIELD=VALUE overrides go with --vae-config, not --vae")
     shards = resolve_shards(args.shards, field="--shards")
@@ -223,12 +260,30 @@ def main(argv: list[str] | None = None) -> Path:
         vae = build_vae_from_args(args.vae, args.vae_config, args.overrides)
     except (ValueError, FileNotFoundError) as err:  # no VAE at vae.path, a bad field or override
         parser.error(str(err))
-    out = encode_latents(shards, args.out, vae, load_text_encoder(args.text_encoder, args.text_max_length,
-                         args.text_dtype), args.num_frames, tuple(args.size), args.fps, args.batch_size, args.seed,
-                         args.decoder, args.workers, args.dtype, progress=sys.stderr.isatty())
-    meta = json.loads((out / CACHE_FILE).read_text())
-    print(f"encoded {meta['samples']} samples into {out} (skipped {sum(meta['skipped_by_reason'].values())}); "
-          f"train with: data=latents data.cache={out}")
+    if args.vae_dtype is not None and not isinstance(vae, CausalVideoAutoencoder):  # adapters cast to vae.dtype
+        parser.error("--vae-dtype: this VAE is a pretrained one; set vae.dtype=... (part of its identity) instead")
+    device = torch.device(args.device if args.device != "auto" else
+                          f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
+    vae = vae.to(device=device, dtype=DTYPES[args.vae_dtype] if args.vae_dtype else None)
+    text_encoder = load_text_encoder(args.text_encoder, args.text_max_length, args.text_dtype).to(device)
+    barrier = _no_barrier
+    if world_size > 1:  # a barrier only: the shards are split by rank, nothing else is exchanged
+        dist.init_process_group("gloo")
+        barrier = dist.barrier
+    start = time.perf_counter()
+    try:
+        out = encode_latents(shards, args.out, vae, text_encoder, args.num_frames, tuple(args.size), args.fps,
+                             args.batch_size, args.seed, args.decoder, args.workers, args.dtype,
+                             progress=sys.stderr.isatty(), device=device, rank=rank, world_size=world_size,
+                             barrier=barrier)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if rank == 0:
+        meta = json.loads((out / CACHE_FILE).read_text())
+        print(f"encoded {meta['samples']} samples into {out} (skipped {sum(meta['skipped_by_reason'].values())}) "
+              f"in {time.perf_counter() - start:.1f} s on {world_size} process(es); "
+              f"train with: data=latents data.cache={out}")
     return out
 
 

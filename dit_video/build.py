@@ -10,22 +10,30 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from dit_video.data.buckets import image_buckets
 from dit_video.data.config import VideoDataConfig
 from dit_video.data.datamodule import VideoDataModule
 from dit_video.data.latents import LatentDataConfig, LatentDataModule
 from dit_video.diffusion import build_objective
 from dit_video.distributed import files_key, once_per_node
-from dit_video.encoders.causal_vae import TilingConfig, load_vae
+from dit_video.encoders.causal_vae import (
+    CausalVAEConfig,
+    TilingConfig,
+    VAELossConfig,
+    check_video_size,
+    load_vae,
+)
 from dit_video.encoders.pretrained_vae import PretrainedVAEConfig, load_pretrained_vae
 from dit_video.encoders.text import minilm_path
 from dit_video.encoders.text_concat import build_text_encoder as build_text_encoders
 from dit_video.errors import ConfigError
 from dit_video.model import DIT_PRESETS, DiTConfig
-from dit_video.parallel import StrategyConfig
+from dit_video.parallel import SP_ATTENTIONS, StrategyConfig
 
 
 def _minilm_path() -> str:
@@ -131,6 +139,25 @@ def build_vae(cfg: DictConfig):
         raise ConfigError(str(err)) from None
 
 
+def vae_training_configs(cfg: DictConfig, data_cfg) -> tuple[CausalVAEConfig, VAELossConfig]:
+    """The architecture and loss `task=vae` trains, from cfg.vae (ConfigError naming the field)."""
+    vae_node = OmegaConf.to_container(cfg.vae, resolve=True)
+    loss_cfg = dataclass_from(VAELossConfig, vae_node.pop("loss"), "vae.loss")
+    tiling = vae_node.pop("tiling", None)  # how the trained VAE encodes/decodes, not its architecture
+    vae_node.pop("path", None)
+    try:
+        vae_cfg = dataclass_from(CausalVAEConfig, vae_node, "vae").validate()
+        check_video_size(data_cfg.num_frames, *data_cfg.size, vae_cfg.temporal_factor, vae_cfg.spatial_factor)
+    except ValueError as err:
+        raise ConfigError(f"data.num_frames/data.size do not fit vae: {err}") from None
+    try:
+        dataclass_from(TilingConfig, tiling or {}, "vae.tiling").validate(vae_cfg)
+        loss_cfg.validate()
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    return vae_cfg, loss_cfg
+
+
 def encoder_identities(cfg: DictConfig, vae, text_encoder) -> dict:
     """{"vae": ..., "text_encoder": ...}: the frozen encoders' identities (with the sha256 of their
     weights), computed by the first process on each node; the node's other ranks read that result
@@ -154,3 +181,54 @@ def build_parallel(cfg: DictConfig):
         return dataclass_from(StrategyConfig, cfg.strategy, "strategy").parallel_config()
     except ValueError as err:
         raise ConfigError(str(err)) from None
+
+
+def training_clip_shapes(data_cfg) -> list[tuple[str, tuple[int, int, int]]]:
+    """Every (frames, H, W) a run trains on, each with the config field it comes from: the single
+    clip shape or every bucket, plus each bucket's 1-frame image shape when data.image_ratio > 0."""
+    if not isinstance(data_cfg, VideoDataConfig):  # a latent cache holds one shape
+        return [("data.cache", (data_cfg.num_frames, *data_cfg.size))]
+    buckets = data_cfg.bucket_table()
+    names = [f"data.buckets[{i}]" for i in range(len(buckets))] if data_cfg.buckets else ["data.num_frames/size"]
+    shapes = [(name, (b.num_frames, b.height, b.width)) for name, b in zip(names, buckets, strict=True)]
+    if data_cfg.image_ratio > 0:
+        images = image_buckets(buckets, data_cfg.image_batch_size)
+        shapes += [(f"{name} as images (data.image_ratio={data_cfg.image_ratio})", (1, b.height, b.width))
+                   for name, b in zip(names, images, strict=True) if b is not None]
+    return shapes
+
+
+def check_training_shapes(cfg: DictConfig, data_cfg, vae, dit_cfg: DiTConfig, objective) -> None:
+    """Every clip shape of the run fits the VAE, the DiT's patch size and the sequence-parallel
+    split, and every option works with sequence parallelism: checked at startup, because a bucket
+    that does not split is otherwise first met at a batch of that shape, hours in. One-line ConfigError.
+
+    dit_cfg: only its patch size, heads, conditioning and positions are read (no text widths needed).
+    """
+    strategy = dataclass_from(StrategyConfig, cfg.strategy, "strategy")
+    P = strategy.sequence_parallel_size
+    sp = f"strategy.sequence_parallel_size={P}"
+    if P > 1:
+        if objective.cfg.per_frame_t:  # its per-token conditioning [B, N, D] is not split with the tokens
+            raise ConfigError(f"objective.per_frame_t=true does not work with {sp} (each rank holds N/{P} tokens, "
+                              f"the per-frame conditioning all N): turn one of them off")
+        if isinstance(data_cfg, VideoDataConfig) and data_cfg.packing.enabled:
+            raise ConfigError(f"data.packing.enabled=true does not work with {sp} (packed sequences are not "
+                              f"split): turn one of them off")
+        for field, needed in (("conditioning", "cross_attn"), ("pos_embed", "rope")):
+            if getattr(dit_cfg, field) != needed:
+                raise ConfigError(f"{sp} supports model.{field}={needed} only (got {getattr(dit_cfg, field)!r})")
+        if strategy.sp_attention == "ulysses" and dit_cfg.num_heads % P:
+            raise ConfigError(f"strategy.sp_attention=ulysses needs model.num_heads={dit_cfg.num_heads} divisible by "
+                              f"{sp}: change either, or use strategy.sp_attention={SP_ATTENTIONS[1]}")
+    for field, (frames, height, width) in training_clip_shapes(data_cfg):
+        where = f"{field} ({frames}x{height}x{width})"
+        try:
+            latent = vae.latent_shape(frames, height, width)
+            dit_cfg.validate(latent)
+        except ValueError as err:
+            raise ConfigError(f"{where} does not fit: {err}") from None
+        tokens = math.prod(dit_cfg.grid(latent))
+        if tokens % P:
+            raise ConfigError(f"{where} gives {tokens} tokens per clip, not a multiple of {sp}: change or drop that "
+                              f"shape, or pick a sequence_parallel_size that divides {tokens}")

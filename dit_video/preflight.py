@@ -3,10 +3,11 @@
     python -m dit_video.preflight +experiment=dit_256 [--bucket 65x256x256 ...] [--text-dim 4096]
 
 Composes the experiment exactly as train.py does (conf/ + Hydra overrides), builds the DiTConfig
-with `dit_video.build.build_dit_config`, counts parameters on the meta device (no memory), and
-prints per bucket (frames x H x W of the clips; default: the data config's size):
-tokens per sample, training FLOPs per step (dit_video.model.flops), and estimated memory per GPU
-for DDP / ZeRO-2 / ZeRO-3 / FSDP, with and without per-block activation checkpointing.
+with `dit_video.build.build_dit_config`, counts parameters on the meta device (no memory) for the
+DiT, the frozen VAE and the frozen text encoder(s), and prints per bucket (frames x H x W of the
+clips; default: the data config's size): tokens per sample, training FLOPs per step
+(dit_video.model.flops), and estimated memory per GPU for DDP / ZeRO-2 / ZeRO-3 / FSDP, with and
+without per-block activation checkpointing.
 
 The memory model (simple on purpose; real runs add allocator slack and temporary buffers, so keep
 ~20% headroom):
@@ -17,6 +18,19 @@ The memory model (simple on purpose; real runs add allocator slack and temporary
   ZeRO-3 and FSDP shard everything (weights, grads, optimizer, EMA) and add the working set of
   gathered weights: two blocks (the current one and the prefetched next) in float32 for ZeRO-3,
   in bf16 for FSDP2 with a bf16 param_dtype, plus that block's unsharded gradient.
+- DDP gradient buckets: torch DDP reduces gradients through flat bucket buffers of its own (Lightning
+  leaves gradient_as_bucket_view off): a second float32 copy of every trainable gradient, 4 B/param.
+- autocast weight cache (DDP under bf16-mixed): autocast keeps the bf16 copy of every float32
+  weight a matmul or conv reads until the step's autocast region ends: 2 B per Linear/Conv
+  parameter. FSDP2 all-gathers bf16 weights and DeepSpeed runs a bf16 module: nothing to cache.
+- frozen encoders, whole on every rank whatever the strategy (they are outside the module tree):
+  the text encoder(s) in their configured dtype (T5-XXL: 4.8B params, ~8.9 GiB in bf16) and the
+  VAE in float32. Their architecture comes from config.json / vae.json when the weights are there,
+  else from the known architectures below (the weights are never read).
+- VAE encode peak (data=clips; the frozen VAE encodes every batch on the GPU before the DiT runs,
+  so the peak is the larger of the two phases): 3 x the largest feature map of the encoder in
+  float32 (a conv's input, its causally padded copy and its output), per tile/chunk with vae.tiling.
+  Only for our causal VAE; pretrained diffusers VAEs are not estimated.
 - activations: what autograd saves per block per token, measured with saved-tensor hooks on this
   block design (torch 2.13, with the fused norm/RoPE Functions of model/fused.py): ~103 B x D under
   fp32, ~57 B x D under bf16 autocast (bf16 GEMM inputs, fp32 residual stream), both at mlp_ratio 4 and scaled by
@@ -28,26 +42,46 @@ The memory model (simple on purpose; real runs add allocator slack and temporary
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
+from torch import nn
 
 from dit_video.build import build_dit_config
+from dit_video.encoders.causal_vae import CausalVAE, CausalVAEConfig
+from dit_video.encoders.text import detect_kind, model_class
 from dit_video.model import DiT
 from dit_video.model.flops import dit_flops
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-# The text encoders the configs name (conf/text_encoder/*.yaml give name and max_length, not width).
 # Widths of the text encoders conf/text_encoder/ names (the weights are not read for an estimate).
 TEXT_DIMS = {
     "t5-v1_1-xxl": 4096, "umt5-xxl": 4096, "all-minilm-l6-v2": 384, "clip-vit-large-patch14": 768,
     "llava-llama-3-8b": 4096, "t5-v1_1-xxl+clip-vit-large-patch14": 4096,
 }
+# Architectures (Hugging Face config class, fields) of the text encoders conf/text_encoder/ names,
+# from their published config.json files: used when text_encoder.path holds no config.json yet.
+TEXT_ARCHITECTURES = {
+    "t5-v1_1-xxl": ("T5Config", dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24,
+                                     num_heads=64, feed_forward_proj="gated-gelu", tie_word_embeddings=False)),
+    "umt5-xxl": ("UMT5Config", dict(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24,
+                                    num_heads=64, feed_forward_proj="gated-gelu", tie_word_embeddings=False)),
+    "clip-vit-large-patch14": ("CLIPTextConfig", dict(vocab_size=49408, hidden_size=768, intermediate_size=3072,
+                                                      num_hidden_layers=12, num_attention_heads=12,
+                                                      max_position_embeddings=77, projection_dim=768)),
+    "llava-llama-3-8b": ("LlamaConfig", dict(vocab_size=128320, hidden_size=4096, intermediate_size=14336,
+                                             num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8)),
+}
+_ARCH_KIND = {"T5Config": "t5", "UMT5Config": "umt5", "CLIPTextConfig": "clip", "LlamaConfig": "llm"}
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # Saved activation bytes per token per block, in units of hidden_size, at mlp_ratio 4 (module docstring).
 ACT_BYTES_PER_D = {"fp32": 103.0, "bf16": 57.0}
+VAE_ENCODE_COPIES = 3  # live copies of the largest feature map during the encode: input, padded input, output
 STRATEGIES = ("DDP", "ZeRO-2", "ZeRO-3", "FSDP")
 GiB = 1024**3
 
@@ -61,10 +95,15 @@ class MemoryEstimate:
     optimizer: float  # AdamW moments
     ema: float  # EMA copy of the weights
     activations: float  # saved activations of one micro-batch
+    buckets: float = 0.0  # DDP's gradient bucket buffers
+    autocast_cache: float = 0.0  # bf16 copies of the weights autocast keeps during the step
+    frozen: float = 0.0  # frozen text encoder(s) and VAE weights
+    vae_encode: float = 0.0  # the VAE encode's transient peak (before the DiT runs)
 
     @property
     def total(self) -> float:
-        return self.params + self.grads + self.optimizer + self.ema + self.activations
+        state = self.params + self.grads + self.optimizer + self.ema + self.buckets + self.frozen
+        return state + max(self.activations + self.autocast_cache, self.vae_encode)
 
 
 def activation_bytes(cfg, tokens: int, batch: int, precision: str, checkpointing: bool) -> float:
@@ -77,17 +116,95 @@ def activation_bytes(cfg, tokens: int, batch: int, precision: str, checkpointing
 
 
 def memory_per_gpu(
-    cfg, n_params: int, block_params: int, world: int, strategy: str, act: float
+    cfg, n_params: int, block_params: int, world: int, strategy: str, act: float, matmul_params: int = 0,
+    precision: str = "bf16", frozen: float = 0.0, vae_encode: float = 0.0,
 ) -> MemoryEstimate:
-    """The memory model of the module docstring for one strategy on `world` ranks."""
+    """The memory model of the module docstring for one strategy on `world` ranks (all parameters
+    of the DiT are trained; matmul_params: those in its Linear/Conv layers)."""
     P = float(n_params)
+    common = dict(frozen=frozen, vae_encode=vae_encode)
     if strategy == "DDP":
-        return MemoryEstimate(4 * P, 4 * P, 8 * P, 4 * P, act)
+        cache = 2 * matmul_params if precision == "bf16" else 0
+        return MemoryEstimate(4 * P, 4 * P, 8 * P, 4 * P, act, buckets=4 * P, autocast_cache=cache, **common)
     if strategy == "ZeRO-2":
-        return MemoryEstimate(4 * P, 4 * P / world, 8 * P / world, 4 * P, act)
+        return MemoryEstimate(4 * P, 4 * P / world, 8 * P / world, 4 * P, act, **common)
     gathered = 2 * block_params * (4 if strategy == "ZeRO-3" else 2)  # two unsharded blocks
     unsharded_grad = block_params * 4
-    return MemoryEstimate(4 * P / world + gathered, 4 * P / world + unsharded_grad, 8 * P / world, 4 * P / world, act)
+    return MemoryEstimate(4 * P / world + gathered, 4 * P / world + unsharded_grad, 8 * P / world, 4 * P / world, act,
+                          **common)
+
+
+def matmul_parameters(model: nn.Module) -> int:
+    """Parameters of the Linear and Conv layers: the weights autocast casts to bf16 (and caches)."""
+    layers = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+    return sum(p.numel() for m in model.modules() if isinstance(m, layers) for p in m.parameters(recurse=False))
+
+
+def text_encoder_parts(node: dict) -> list[dict]:
+    """The encoders a text_encoder config names (one, or each part of a concatenated one)."""
+    return [dict(p) for p in node["encoders"]] if "encoders" in node else [dict(node)]
+
+
+def text_encoder_params(part: dict) -> int:
+    """Parameters of one frozen text encoder, built on the meta device from its config.json (when
+    text_encoder.path has one) or from TEXT_ARCHITECTURES (the weights are never read)."""
+    import transformers  # heavy: only when estimating
+
+    path = Path(str(part.get("path")))
+    if (path / "config.json").is_file():
+        config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
+        kind = part.get("kind", "auto")
+        kind = detect_kind(path) if kind == "auto" else kind
+    elif part.get("name") in TEXT_ARCHITECTURES:
+        class_name, fields = TEXT_ARCHITECTURES[part["name"]]
+        config, kind = getattr(transformers, class_name)(**fields), _ARCH_KIND[class_name]
+    else:
+        raise SystemExit(f"text_encoder.name={part.get('name')!r}: no config.json at {path} and no known "
+                         f"architecture ({', '.join(TEXT_ARCHITECTURES)}); point text_encoder.path at the model")
+    cls = model_class(kind, part.get("clip_pooled", "pooler"))
+    with torch.device("meta"):
+        model = cls.from_config(config) if cls is transformers.AutoModel else cls(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+def text_encoder_bytes(node: dict) -> float:
+    """Bytes of the frozen text encoder(s) on each GPU, in their configured dtype."""
+    return float(sum(text_encoder_params(p) * DTYPE_BYTES[str(p.get("dtype", "float32"))]
+                     for p in text_encoder_parts(node)))
+
+
+def causal_vae_config(vae_node: dict) -> CausalVAEConfig | None:
+    """The causal VAE's architecture: vae.path/vae.json when it exists, else the vae: fields;
+    None for a pretrained (diffusers) VAE, which preflight does not estimate."""
+    if vae_node.get("kind", "causal") != "causal":
+        return None
+    meta = Path(str(vae_node.get("path"))) / "vae.json"
+    if meta.is_file():
+        return CausalVAEConfig.from_dict(json.loads(meta.read_text())["config"], source=str(meta))
+    fields = {k: v for k, v in vae_node.items() if k in CausalVAEConfig.__dataclass_fields__}
+    return CausalVAEConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}).validate()
+
+
+def vae_encode_bytes(vae: CausalVAEConfig, frames: int, height: int, width: int, batch: int,
+                     tiling: dict | None = None) -> float:
+    """The VAE encode's transient peak: VAE_ENCODE_COPIES x the largest encoder feature map, float32.
+    Level i has width base_channels * channel_mult[i] at the resolution left by the downsamples
+    before it (spatial /2 at the first log2(spatial_factor / patch_size) levels, temporal (T-1)/2 + 1
+    at the first log2(temporal_factor)); level 0 is at (T, H/patch_size, W/patch_size)."""
+    tiling = tiling or {}
+    if tiling.get("tile_size"):
+        height, width = min(height, tiling["tile_size"]), min(width, tiling["tile_size"])
+    if tiling.get("chunk_frames"):
+        frames = min(frames, tiling["chunk_frames"])
+    t, h, w = frames, height // vae.patch_size, width // vae.patch_size
+    largest = 0
+    for i, mult in enumerate(vae.channel_mult):
+        largest = max(largest, vae.base_channels * mult * t * h * w)
+        if i < vae.num_spatial_downsamples:
+            h, w = h // 2, w // 2
+        if i < vae.num_temporal_downsamples:
+            t = (t - 1) // 2 + 1
+    return float(VAE_ENCODE_COPIES * 4 * largest * batch)
 
 
 def parse_bucket(text: str) -> tuple[int, int, int]:
@@ -107,7 +224,6 @@ def main(argv: list[str] | None = None) -> None:
 
     from hydra import compose, initialize_config_dir
 
-
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("train", overrides=list(args.overrides))
     if cfg.task != "dit":
@@ -126,6 +242,16 @@ def main(argv: list[str] | None = None) -> None:
         model = DiT(dit_cfg)
     n_params = sum(p.numel() for p in model.parameters())
     block_params = sum(p.numel() for p in model.blocks[0].parameters())
+    matmul_params = matmul_parameters(model)
+
+    vae_node = OmegaConf.to_container(cfg.vae, resolve=True)
+    vae_cfg = causal_vae_config(vae_node)
+    if vae_cfg is not None:
+        with torch.device("meta"):
+            vae_params = sum(p.numel() for p in CausalVAE(vae_cfg).parameters())
+    text_bytes = text_encoder_bytes(OmegaConf.to_container(cfg.text_encoder, resolve=True))
+    frozen = text_bytes + (4 * vae_params if vae_cfg is not None else 0)
+    encodes = cfg.data.get("kind", "clips") == "clips"  # a latent cache runs no VAE during training
 
     batch = int(cfg.data.batch_size)
     world = int(cfg.trainer.get("devices", 1) if isinstance(cfg.trainer.get("devices", 1), int) else 1)
@@ -138,24 +264,31 @@ def main(argv: list[str] | None = None) -> None:
           f"({block_params / 1e6:.2f}M per block x {dit_cfg.depth})")
     print(f"  {world} GPU(s), {batch} samples per GPU, {precision} activations, "
           f"{text_len} text tokens of width {text_dim}")
+    print(f"  frozen on every GPU: text encoder {text_name} {text_bytes / GiB:.2f} GiB, VAE "
+          + (f"{vae_params / 1e6:.1f}M params {4 * vae_params / GiB:.2f} GiB" if vae_cfg is not None
+             else f"vae.kind={vae_node.get('kind')} not estimated"))
     for frames, height, width in buckets:
         latent = (1 + (frames - 1) // tf, height // sf, width // sf)
         dit_cfg.validate(latent)
         tokens = math.prod(dit_cfg.grid(latent))
         fc = dit_flops(dit_cfg, latent, text_len)
         step_flops = fc.training * batch * world
+        vae_peak = vae_encode_bytes(vae_cfg, frames, height, width, batch, vae_node.get("tiling")) \
+            if vae_cfg is not None and encodes else 0.0
         print(f"\nbucket {frames}x{height}x{width} -> latents {latent} -> {tokens} tokens per sample")
         print(f"  training FLOPs: {fc.training / 1e12:.2f} TFLOP per sample, {step_flops / 1e15:.3f} PFLOP "
               f"per step ({batch} x {world} samples); attention {100 * fc.attention / fc.forward:.0f}% of forward")
-        print(f"  {'memory per GPU (GiB)':<24} {'params':>7} {'grads':>7} {'optim':>7} {'ema':>7} "
-              f"{'activ.':>7} {'total':>7}")
+        print(f"  {'memory per GPU (GiB)':<17} {'params':>7} {'grads':>7} {'optim':>7} {'ema':>7} {'bucket':>7} "
+              f"{'frozen':>7} {'activ.':>7} {'cast':>7} {'vae-enc':>7} {'total':>7}")
         for ckpt in (False, True):
             act = activation_bytes(dit_cfg, tokens, batch, precision, ckpt)
             for strategy in STRATEGIES:
-                m = memory_per_gpu(dit_cfg, n_params, block_params, world, strategy, act)
+                m = memory_per_gpu(dit_cfg, n_params, block_params, world, strategy, act, matmul_params, precision,
+                                   frozen, vae_peak)
                 label = f"{strategy}{' + ckpt' if ckpt else ''}"
-                print(f"  {label:<24} {m.params / GiB:7.2f} {m.grads / GiB:7.2f} {m.optimizer / GiB:7.2f} "
-                      f"{m.ema / GiB:7.2f} {m.activations / GiB:7.2f} {m.total / GiB:7.2f}")
+                print(f"  {label:<17} " + " ".join(f"{v / GiB:7.2f}" for v in (
+                    m.params, m.grads, m.optimizer, m.ema, m.buckets, m.frozen, m.activations, m.autocast_cache,
+                    m.vae_encode, m.total)))
 
 
 if __name__ == "__main__":

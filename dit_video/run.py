@@ -21,7 +21,11 @@ from pathlib import Path
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
-from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.fabric.plugins.environments import (
+    LightningEnvironment,
+    SLURMEnvironment,
+    TorchElasticEnvironment,
+)
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 from lightning.pytorch.loggers import WandbLogger
@@ -36,9 +40,11 @@ from dit_video.build import (
     build_parallel,
     build_text_encoder,
     build_vae,
+    check_training_shapes,
     data_config_class,
     dataclass_from,
     encoder_identities,
+    vae_training_configs,
 )
 from dit_video.callbacks import NonFiniteGuard, Preemption, RNGState
 from dit_video.checkpoint.paths import resolve_ckpt_path
@@ -46,11 +52,7 @@ from dit_video.checkpoint.resume import with_loader_state
 from dit_video.checkpoint.save import SafeCheckpointIO, StepCheckpoint
 from dit_video.encoders.causal_vae import (
     CausalVAE,
-    CausalVAEConfig,
-    TilingConfig,
     VAELoss,
-    VAELossConfig,
-    check_video_size,
     compute_latent_stats,
     save_vae,
 )
@@ -148,19 +150,51 @@ def build_strategy(cfg: DictConfig, trainer_kwargs: dict):
     plugins = []
     if strategy_cfg.kind in ("single", "ddp"):
         plugins.append(SafeCheckpointIO())  # atomic writes, weights_only loads
-    if SLURMEnvironment.detect():
-        # dit_video.callbacks.Preemption saves and requeues; Lightning's own handler would write a
-        # second, differently named checkpoint that ckpt_path=auto does not know.
-        plugins.append(SLURMEnvironment(auto_requeue=False))
+    environment = cluster_environment(_devices_per_node(trainer_kwargs), int(trainer_kwargs.get("num_nodes", 1)))
+    if environment is not None:
+        plugins.append(environment)
     return strategy, plugins
 
 
-def _world_size(trainer_kwargs: dict) -> int:
+def cluster_environment(devices: int, num_nodes: int):
+    """Who starts the processes and numbers the ranks: None (Lightning's own choice), SLURM or Lightning.
+
+    Lightning's rule: SLURM manages the processes only if srun started one task per device
+    (SLURM_NTASKS = devices x nodes). torchrun inside an sbatch allocation keeps its own ranks
+    (TorchElastic first, as Lightning orders them), and one SLURM task with several devices lets
+    Lightning start the device processes itself. Any other task count cannot work: ConfigError.
+    """
+    if TorchElasticEnvironment.detect() or not SLURMEnvironment.detect():  # torchrun; no srun (or an interactive job)
+        return None
+    tasks, world = int(os.environ["SLURM_NTASKS"]), devices * num_nodes
+    if tasks == world:
+        try:
+            # dit_video.callbacks.Preemption saves and requeues; Lightning's own handler would write a
+            # second, differently named checkpoint that ckpt_path=auto does not know.
+            environment = SLURMEnvironment(auto_requeue=False)
+            environment.validate_settings(num_devices=devices, num_nodes=num_nodes)  # tasks per node, nodes
+        except (ValueError, RuntimeError) as err:
+            raise ConfigError(f"SLURM allocation vs trainer.devices/trainer.num_nodes: {err}") from None
+        return environment
+    if tasks == 1 and num_nodes == 1:
+        return LightningEnvironment()  # one task: Lightning launches the device processes (SLURM's ranks are all 0)
+    raise ConfigError(
+        f"SLURM started {tasks} task(s) but trainer.devices x trainer.num_nodes = {devices} x "
+        f"{num_nodes} = {world}: run one task per device (sbatch --ntasks-per-node={devices} --nodes={num_nodes}) "
+        f"or set trainer.devices/trainer.num_nodes to the allocation"
+    )
+
+
+def _devices_per_node(trainer_kwargs: dict) -> int:
     devices = trainer_kwargs.get("devices", 1)
     per_node = len(devices) if isinstance(devices, list) else devices
     if not isinstance(per_node, int) or per_node < 1:
         raise ConfigError(f"trainer.devices={devices!r}: give the number of devices per node (an integer)")
-    return per_node * int(trainer_kwargs.get("num_nodes", 1))
+    return per_node
+
+
+def _world_size(trainer_kwargs: dict) -> int:
+    return _devices_per_node(trainer_kwargs) * int(trainer_kwargs.get("num_nodes", 1))
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path, extra_callbacks=()):
@@ -232,10 +266,10 @@ def train(cfg: DictConfig) -> Path:
     L.seed_everything(int(cfg.seed), workers=True)
     run_dir = Path(cfg.get("run_dir") or _hydra_run_dir())
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    if rank_zero_only.rank == 0:  # one writer: N ranks rewriting the same files on a shared disk race
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        write_environment(run_dir)  # git commit + dirty flag, command line, package versions
     print_config(cfg, run_dir)
-
-    write_environment(run_dir)  # git commit + dirty flag, command line, package versions
     if cfg.task == "vae":
         train_vae(cfg, run_dir)
     else:
@@ -260,6 +294,10 @@ def _hydra_run_dir() -> str:
 def train_dit(cfg: DictConfig, run_dir: Path) -> None:
     data_cfg, datamodule = build_data(cfg)
     vae = build_vae(cfg)
+    objective = build_objective_from(cfg)
+    # Every bucket against the patch size and the sequence-parallel split, before the text encoder
+    # (T5-XXL: minutes to load) is built: its widths change no token count, so placeholders do here.
+    check_training_shapes(cfg, data_cfg, vae, build_dit_config(cfg.model, vae.latent_channels, 1, 1), objective)
     text_encoder = build_text_encoder(cfg)
     identities = encoder_identities(cfg, vae, text_encoder)  # {"vae": ..., "text_encoder": ...}, hashed once per node
     if data_cfg.kind == "latents":  # a cache made by other encoders would train on the wrong latents
@@ -276,14 +314,8 @@ def train_dit(cfg: DictConfig, run_dir: Path) -> None:
         dit_cfg.validate(latent_shape)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    if data_cfg.kind == "clips" and data_cfg.image_ratio > 0:  # image batches are one latent frame
-        try:
-            dit_cfg.validate((1, *latent_shape[1:]))
-        except ValueError as err:
-            raise ConfigError(f"data.image_ratio={data_cfg.image_ratio} trains on 1-frame latents: {err}") from None
     if data_cfg.kind == "clips" and data_cfg.packing.enabled:  # token-budget packs count each bucket's DiT tokens
         datamodule.tokens_per_clip = lambda t, h, w: math.prod(dit_cfg.grid(vae.latent_shape(t, h, w)))
-    objective = build_objective_from(cfg)
     optim = dataclass_from(OptimConfig, cfg.optim, "optim")
     optim.validate()
     meta = run_metadata(cfg) | {
@@ -300,18 +332,9 @@ def train_dit(cfg: DictConfig, run_dir: Path) -> None:
 
 def train_vae(cfg: DictConfig, run_dir: Path) -> None:
     data_cfg, datamodule = build_data(cfg)
-    vae_node = OmegaConf.to_container(cfg.vae, resolve=True)
-    loss_cfg = dataclass_from(VAELossConfig, vae_node.pop("loss"), "vae.loss")
-    tiling = vae_node.pop("tiling", None)  # how the trained VAE encodes/decodes, not its architecture
-    vae_node.pop("path", None)
+    vae_cfg, loss_cfg = vae_training_configs(cfg, data_cfg)
     try:
-        vae_cfg = dataclass_from(CausalVAEConfig, vae_node, "vae").validate()
-        check_video_size(data_cfg.num_frames, *data_cfg.size, vae_cfg.temporal_factor, vae_cfg.spatial_factor)
-    except ValueError as err:
-        raise ConfigError(f"data.num_frames/data.size do not fit vae: {err}") from None
-    try:
-        dataclass_from(TilingConfig, tiling or {}, "vae.tiling").validate(vae_cfg)
-        objective = VAELoss(loss_cfg)  # validates vae.loss; loads LPIPS from vae.loss.lpips_path if asked
+        objective = VAELoss(loss_cfg)  # loads LPIPS from vae.loss.lpips_path if asked
     except (ValueError, FileNotFoundError) as err:
         raise ConfigError(str(err)) from None
     vae = CausalVAE(vae_cfg)

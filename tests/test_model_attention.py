@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from fake_flash_attn import install_fake_flash  # flash_attn stand-in in sys.modules
 
 from dit_video.model import attention as attn_mod
 from dit_video.model.attention import attention, flash_can_run, is_key_padding_mask
@@ -62,7 +63,7 @@ def test_flash_dispatch_rules(monkeypatch):
     q, _, _ = qkv()
     # No CUDA here (and usually no flash-attn): the flash backend must not be chosen.
     assert not flash_can_run(q)
-    monkeypatch.setattr(attn_mod, "flash_attn_varlen_func", fake_flash_varlen)
+    install_fake_flash(monkeypatch, on_cpu=False, flash_attn_varlen_func=fake_flash_varlen)
     assert not flash_can_run(q)  # installed, but q is on CPU
     assert not flash_can_run(q.cuda() if torch.cuda.is_available() else q.half())
     assert is_key_padding_mask(None, 3, 6)
@@ -71,16 +72,16 @@ def test_flash_dispatch_rules(monkeypatch):
     assert not is_key_padding_mask(torch.ones(1, 1, 10, 10, dtype=torch.bool), 3, 10)  # block-diagonal
 
 
-@pytest.mark.parametrize("masked", [False, True])
-def test_flash_varlen_path_matches_math(monkeypatch, masked):
-    """Pretend flash-attn can run: the unpadding to cu_seqlens must reproduce masked attention."""
-    monkeypatch.setattr(attn_mod, "flash_attn_varlen_func", fake_flash_varlen)
+def test_flash_varlen_path_matches_math(monkeypatch):
+    """Pretend flash-attn can run: the unpadding to cu_seqlens must reproduce masked attention.
+    (Without a mask the flash backend calls flash_attn_func: tests/test_flash_attention.py.)"""
+    install_fake_flash(monkeypatch, flash_attn_varlen_func=fake_flash_varlen)
     monkeypatch.setattr(attn_mod, "flash_can_run", lambda q: True)
     calls = []
     real = attn_mod._flash_varlen_attention
     monkeypatch.setattr(attn_mod, "_flash_varlen_attention", lambda *a: calls.append(1) or real(*a))
     q, k, v = qkv()
-    mask = padding_mask() if masked else None
+    mask = padding_mask()
     out = attention(q, k, v, mask, backend="flash")
     assert calls, "the varlen path was not taken"
     torch.testing.assert_close(out, attention(q, k, v, mask, backend="math"), atol=1e-5, rtol=1e-5)

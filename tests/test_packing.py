@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fake_flash_attn import install_fake_flash  # flash_attn stand-in in sys.modules
 from test_model_variants import VARIANTS  # the model-variant configs the solo-forward tests use
 
 from dit_video.model import attention as attn_mod
@@ -198,7 +199,7 @@ def test_flash_packed_dispatch_uses_cu_seqlens(monkeypatch):
         calls.append(kwargs["cu_seqlens_k"].tolist())
         return fake_flash_varlen(*args, **kwargs)
 
-    monkeypatch.setattr(attn_mod, "flash_attn_varlen_func", spy)
+    install_fake_flash(monkeypatch, flash_attn_varlen_func=spy)
     monkeypatch.setattr(attn_mod, "flash_can_run", lambda q: True)
     fresh = PackedMask(torch.tensor([3, 4, 0]), torch.tensor([2, 0, 3]))
     out = attention(q, k, v, fresh, backend="flash")
@@ -262,7 +263,7 @@ def test_packed_model_on_the_flash_varlen_path_matches_per_sample(monkeypatch, n
     def no_dense(self):
         raise AssertionError("the flash path built a dense packing mask")
 
-    monkeypatch.setattr(attn_mod, "flash_attn_varlen_func", spy)
+    install_fake_flash(monkeypatch, flash_attn_varlen_func=spy)
     monkeypatch.setattr(attn_mod, "flash_can_run", lambda q: True)
     monkeypatch.setattr(PackedMask, "dense", no_dense)
     with torch.no_grad():

@@ -53,9 +53,10 @@ def state_bytes(obj) -> int:
     return 0
 
 
-def check_free_space(folder: Path, needed: int, reserve: int = 0) -> None:
-    """Raise CheckpointError before writing if `folder`'s disk cannot hold `needed` + `reserve` bytes."""
-    free = shutil.disk_usage(folder).free
+def check_free_space(folder: Path, needed: int, reserve: int = 0, free: int | None = None) -> None:
+    """Raise CheckpointError before writing if `folder`'s disk cannot hold `needed` + `reserve` bytes
+    (`free`: bytes free, as measured by the caller; None = measure `folder` now)."""
+    free = shutil.disk_usage(folder).free if free is None else free
     if free < needed + reserve:
         gib = 1024**3
         raise CheckpointError(
@@ -120,10 +121,10 @@ class StepCheckpoint(Callback):
         if self.last_saved_step == step and final.exists():
             return final
         tmp = self.dirpath / f".{final.name}.tmp"
+        self.dirpath.mkdir(parents=True, exist_ok=True)  # every rank measures the disk it writes to
         if trainer.is_global_zero:
-            self.dirpath.mkdir(parents=True, exist_ok=True)
             _remove(tmp)  # a leftover from a killed save
-            check_free_space(self.dirpath, self._estimate_bytes(trainer), self.reserve_bytes)
+        self._check_space(trainer)
         trainer.strategy.barrier("dit_video_ckpt_start")
         trainer.save_checkpoint(tmp, weights_only=False)  # the full training state, not just weights
         trainer.strategy.barrier("dit_video_ckpt_written")
@@ -139,6 +140,15 @@ class StepCheckpoint(Callback):
         trainer.strategy.barrier("dit_video_ckpt_done")
         self.last_saved_step = step
         return final
+
+    def _check_space(self, trainer) -> None:
+        """Raise the same CheckpointError on every rank, or on none: a rank that raised alone would
+        leave the others waiting in the next barrier until the NCCL timeout. Every rank measures,
+        and all judge the worst case (least free space, largest estimate) over the ranks."""
+        free, needed = shutil.disk_usage(self.dirpath).free, self._estimate_bytes(trainer)
+        worst = torch.tensor([-free, needed], dtype=torch.int64, device=trainer.strategy.root_device)  # [2]
+        worst = trainer.strategy.reduce(worst, reduce_op="max").tolist()
+        check_free_space(self.dirpath, worst[1], self.reserve_bytes, free=-worst[0])
 
     def _estimate_bytes(self, trainer) -> int:
         module_bytes = state_bytes(trainer.lightning_module.state_dict())

@@ -78,7 +78,8 @@ def detect_kind(path: Path) -> str:
     return "bert"
 
 
-def _model_class(kind: str, clip_pooled: str):
+def model_class(kind: str, clip_pooled: str):
+    """The transformers class an encoder of `kind` loads as (also what preflight builds on the meta device)."""
     import transformers
 
     if kind == "t5":
@@ -174,7 +175,7 @@ class HFTextEncoder(nn.Module):
         self.tokenizer.truncation_side = "right"
         if self.tokenizer.pad_token is None:  # GPT-2/Llama tokenizers: padding is masked, any id will do
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model, info = _model_class(self.kind, clip_pooled).from_pretrained(
+        self.model, info = model_class(self.kind, clip_pooled).from_pretrained(
             str(self.path), local_files_only=True, dtype=_DTYPES[dtype], output_loading_info=True
         )
         if info["missing_keys"]:

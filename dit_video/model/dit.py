@@ -233,20 +233,25 @@ class DiT(nn.Module):
         if text_mask is None:
             text_mask = torch.ones(text.shape[:2], dtype=torch.bool, device=text.device)  # [B, L]
         text_lens = text_mask.sum(1)  # [B] real caption tokens per clip
-        text = text[text_mask][None]  # [1, ΣL_real, D]
+        # The packed forward's one host sync: how many caption tokens are real. Every other size and
+        # bound below is known on the host (clip grids, the padded caption length L).
+        real = text_mask.flatten().nonzero().squeeze(1)  # [ΣL_real] positions in [B*L]
+        text = text.flatten(0, 1).index_select(0, real)[None]  # [1, ΣL_real, D]
+        n_text, longest, L = text.shape[1], max(packing.lengths), text_mask.shape[1]
 
         # 3. blocks
         if cfg.conditioning == "mmdit":
             # The blocks see [all text, all video]; each text token takes its clip's modulation too.
-            text_id = torch.arange(len(x), device=text.device).repeat_interleave(text_lens)  # [ΣL_real]
+            text_id = torch.arange(len(x), device=text.device).repeat_interleave(text_lens, output_size=n_text)  # [ΣL_real]
             cond = torch.cat([cond[text_id], cond[seq_id]])[None]  # [1, ΣL_real+ΣN, 6, D] or [1, ΣL_real+ΣN, D]
-            joint = JointPacking(text_lens, lengths)  # clip i attends over [text_i, video_i] only
+            # clip i attends over [text_i, video_i] only
+            joint = JointPacking(text_lens, lengths, sizes=(n_text, sum(packing.lengths)), max_seqlen=L + longest)
             for block in self.blocks:
                 tokens, text = block(tokens, cond, text, joint, rope)  # [1, ΣN, D], [1, ΣL_real, D]
         else:
             cond = cond[seq_id][None]  # [1, ΣN, 6, D] (adaLN-single) or [1, ΣN, D] (adaLN-Zero)
-            self_mask = PackedMask(lengths, lengths)  # block-diagonal: a clip attends to itself only
-            cross_mask = PackedMask(lengths, text_lens)  # clip i sees caption i's real tokens
+            self_mask = PackedMask(lengths, lengths, (longest, longest))  # block-diagonal: a clip attends to itself only
+            cross_mask = PackedMask(lengths, text_lens, (longest, L))  # clip i sees caption i's real tokens
             for block in self.blocks:
                 tokens = block(tokens, cond, text, cross_mask, rope, self_mask=self_mask)  # [1, ΣN, D]
 

@@ -112,14 +112,19 @@ class JointPacking:
     cu_seqlens, no ΣS x ΣS mask), and `inverse` puts the output back. Built once per forward.
     """
 
-    def __init__(self, text_lens: torch.Tensor, video_lens: torch.Tensor):
-        """text_lens [B] real caption tokens, video_lens [B] video tokens of each clip."""
+    def __init__(self, text_lens: torch.Tensor, video_lens: torch.Tensor, sizes: tuple[int, int] | None = None,
+                 max_seqlen: int | None = None):
+        """text_lens [B] real caption tokens, video_lens [B] video tokens of each clip; sizes (ΣL, ΣN)
+        and max_seqlen (a bound of L_i + N_i) when the caller knows them on the host (else read back)."""
         clips = torch.arange(len(video_lens), device=video_lens.device)  # [B]
+        n_text, n_video = sizes or (None, None)
         # Sort key 2 * clip (+ 1 for video): a stable sort keeps the tokens' order within each part.
-        key = torch.cat([2 * clips.repeat_interleave(text_lens), 2 * clips.repeat_interleave(video_lens) + 1])
+        key = torch.cat([2 * clips.repeat_interleave(text_lens, output_size=n_text),
+                         2 * clips.repeat_interleave(video_lens, output_size=n_video) + 1])  # [ΣL+ΣN]
         self.order = key.argsort(stable=True)  # [ΣL+ΣN] joint position of each segment-ordered token
         self.inverse = self.order.argsort()  # [ΣL+ΣN]
-        self.mask = PackedMask(text_lens + video_lens, text_lens + video_lens)  # one segment per clip
+        bounds = None if max_seqlen is None else (max_seqlen, max_seqlen)
+        self.mask = PackedMask(text_lens + video_lens, text_lens + video_lens, bounds)  # one segment per clip
 
 
 def joint_attention(

@@ -36,7 +36,7 @@ class Packing:
     def seq_id(self, device=None) -> torch.Tensor:
         """Clip index of every packed token, long [ΣN]."""
         lengths = self.lengths_tensor(device)
-        return torch.arange(len(lengths), device=device).repeat_interleave(lengths)  # [ΣN]
+        return torch.arange(len(lengths), device=device).repeat_interleave(lengths, output_size=sum(self.lengths))  # [ΣN]
 
 
 def patchify_packed(latents: Sequence[torch.Tensor], patch_size: tuple[int, int, int]) -> tuple[torch.Tensor, Packing]:

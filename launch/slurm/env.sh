@@ -5,10 +5,11 @@
 #
 # Sets: MASTER_ADDR (first node of the allocation), MASTER_PORT (fixed per job, so a requeued job
 # and all its tasks agree), RUN_DIR (fixed per job id: the requeued job finds its checkpoints),
-# NCCL / thread settings.
+# NCCL / thread settings, SRUN_CPUS_PER_TASK.
 
-# Rank 0 lives on the first node of the allocation.
-MASTER_ADDR="$(scontrol show hostnames "${SLURM_JOB_NODELIST:?not inside a SLURM allocation}" | head -n 1)"
+# Rank 0 lives on the first node of the allocation. `sed -n 1p` reads every line: `head -n 1`
+# closes the pipe early, and under `set -o pipefail` scontrol's SIGPIPE (exit 141) killed the job.
+MASTER_ADDR="$(scontrol show hostnames "${SLURM_JOB_NODELIST:?not inside a SLURM allocation}" | sed -n 1p)"
 export MASTER_ADDR
 # A port in 20000-29999 derived from the job id: distinct for jobs sharing a node, stable across requeues.
 export MASTER_PORT="${MASTER_PORT:-$((20000 + ${SLURM_JOB_ID:?} % 10000))}"
@@ -29,3 +30,6 @@ export NCCL_DEBUG="${NCCL_DEBUG:-WARN}"
 
 # One intra-op thread pool per task, sized to the CPUs SLURM gave it.
 export OMP_NUM_THREADS="${SLURM_CPUS_PER_TASK:-1}"
+# Slurm >= 22.05: srun does not inherit --cpus-per-task from sbatch. The scripts pass it to srun,
+# and SRUN_CPUS_PER_TASK covers any other srun in the job (a debugging shell, a helper step).
+export SRUN_CPUS_PER_TASK="${SLURM_CPUS_PER_TASK:-1}"
