@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+from hydra import compose, initialize_config_dir
 from test_checkpoint import _dotted_global_pickle
 from tiny_run import ROOT, TINY_DATA, TINY_DIT, compose_train, tiny_run
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, TensorStorageMetadata
@@ -127,8 +129,6 @@ def crafted(genuine, tmp_path_factory) -> dict[str, tuple[Path, Path]]:
 def _one_line_naming(text: str, path: Path, kind: str) -> None:
     lines = text.strip().splitlines()
     assert len(lines) == 1, text[-2000:]
-    import re
-
     assert re.search(re.escape(f"checkpoint '{path}'") + r".*" + REASON[kind], lines[0]), lines[0]
 
 
@@ -145,8 +145,6 @@ def test_notebook_api_sample_py_evaluate_and_export_refuse(kind, crafted, capsys
     spec = importlib.util.spec_from_file_location("sample_cli", ROOT / "sample.py")
     sample_cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(sample_cli)
-    from hydra import compose, initialize_config_dir
-
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("sample", overrides=[f"ckpt={folder}", "steps=1", f"out={tmp_path}", "num_threads=1"])
     capsys.readouterr()
