@@ -5,7 +5,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from dit_video.errors import ConfigError
+from dit_video.errors import CheckpointError, ConfigError
 from dit_video.run import train
 
 
@@ -13,7 +13,7 @@ from dit_video.run import train
 def main(cfg: DictConfig) -> None:
     try:
         train(cfg)
-    except ConfigError as err:  # a config or machine problem: one line, no traceback
+    except (ConfigError, CheckpointError) as err:  # a config, machine or checkpoint problem: one line
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
 

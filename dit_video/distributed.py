@@ -29,6 +29,7 @@ import hashlib
 import json
 import math
 import os
+import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -36,6 +37,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from dit_video.errors import ConfigError
 from dit_video.model.attention import attention
 
 
@@ -250,8 +252,33 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group=None
 
 # ----------------------------------------------------------------------------- once per node
 
-# Node-local (on clusters /tmp is per node): what one process computed here, others read.
-NODE_CACHE = Path(tempfile.gettempdir()) / "dit_video-node-cache"
+# Node-local (on clusters /tmp is per node): what one process computed here, others read. One
+# private folder per user: in a shared, world-writable temp dir another user could otherwise plant
+# results (a forged encoder hash in the run's identity record) or symlinks there.
+NODE_CACHE = Path(tempfile.gettempdir()) / f"dit_video-node-cache-{os.getuid()}"
+
+
+def private_dir(path: Path) -> Path:
+    """`path` as a folder only this user can read or write: created with mode 0700, or, if it
+    exists, refused unless it is a real directory (not a symlink) owned by us and closed to others."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(mode=0o700)
+    except FileExistsError:
+        pass
+    st = os.lstat(path)
+    problem = None
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+        problem = "a symlink" if stat.S_ISLNK(st.st_mode) else "not a directory"
+    elif st.st_uid != os.getuid():
+        problem = f"owned by uid {st.st_uid}, not by this user (uid {os.getuid()})"
+    elif st.st_mode & 0o077:
+        problem = f"open to other users (mode {stat.S_IMODE(st.st_mode):o})"
+    if problem:
+        raise ConfigError(f"node cache folder '{path}' is {problem}: another user could plant results in it; "
+                          "remove it (it is only a cache) and run again")
+    return path
 
 
 def once_per_node(key: str, compute: Callable[[], dict], cache_dir: Path | None = None) -> dict:
@@ -262,9 +289,9 @@ def once_per_node(key: str, compute: Callable[[], dict], cache_dir: Path | None 
     reads the files once (which also warms the page cache the other ranks load them from). A
     file lock in `cache_dir` orders the node's processes; the JSON result stays there, so `key`
     must name everything the result depends on (paths, sizes, mtimes: see `files_key`).
+    `cache_dir` (default NODE_CACHE) must be this user's private folder (see `private_dir`).
     """
-    cache_dir = NODE_CACHE if cache_dir is None else cache_dir
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    cache_dir = private_dir(NODE_CACHE if cache_dir is None else cache_dir)
     name = hashlib.sha256(key.encode()).hexdigest()[:32]
     result_path = cache_dir / f"{name}.json"
     with open(cache_dir / f"{name}.lock", "a") as lock:

@@ -314,11 +314,13 @@ def deepspeed_config(cfg: StrategyConfig, micro_batch_size: int, grad_accum: int
 
 
 def lightning_strategy(cfg: StrategyConfig, micro_batch_size: int, gradient_clipping: float | None,
-                       precision: str | None, world_size: int = 1):
+                       precision: str | None, world_size: int = 1, fsdp_strategy: type | None = None):
     """The Lightning Trainer `strategy` argument for `cfg` ("auto" for a single process).
 
     world_size: devices x nodes; FSDP shards over all of them (Lightning's "auto" would make the
     data-parallel dimension the node count and leave the rest to tensor parallelism).
+    fsdp_strategy: the ModelParallelStrategy class for kind=fsdp (training passes
+    dit_video.checkpoint.strategy.SafeModelParallelStrategy, whose resume unpickles no code).
     """
     cfg.validate()
     sp = cfg.sequence_parallel_size
@@ -339,7 +341,8 @@ def lightning_strategy(cfg: StrategyConfig, micro_batch_size: int, gradient_clip
         # all dp x sp ranks (the data_parallel mesh dimension is the whole world), as gradients need.
         kwargs = dict(data_parallel_size=world_size, tensor_parallel_size=1, save_distributed_checkpoint=True,
                       process_group_backend=cfg.process_group_backend)
-        return ModelParallelStrategy(**kwargs) if sp == 1 else _sequence_parallel(ModelParallelStrategy, sp)(**kwargs)
+        base = fsdp_strategy or ModelParallelStrategy
+        return base(**kwargs) if sp == 1 else _sequence_parallel(base, sp)(**kwargs)
     from lightning.pytorch.strategies import DeepSpeedStrategy
 
     bf16 = precision is not None and str(precision).startswith("bf16")

@@ -50,6 +50,7 @@ from dit_video.callbacks import NonFiniteGuard, Preemption, RNGState
 from dit_video.checkpoint.paths import resolve_ckpt_path
 from dit_video.checkpoint.resume import with_loader_state
 from dit_video.checkpoint.save import SafeCheckpointIO, StepCheckpoint
+from dit_video.checkpoint.strategy import SafeModelParallelStrategy
 from dit_video.encoders.causal_vae import (
     CausalVAE,
     VAELoss,
@@ -140,7 +141,8 @@ def build_strategy(cfg: DictConfig, trainer_kwargs: dict):
     legacy = trainer_kwargs.pop("strategy", None)
     try:
         strategy = lightning_strategy(strategy_cfg, int(cfg.data.batch_size), trainer_kwargs.get("gradient_clip_val"),
-                                      trainer_kwargs.get("precision"), _world_size(trainer_kwargs))
+                                      trainer_kwargs.get("precision"), _world_size(trainer_kwargs),
+                                      fsdp_strategy=SafeModelParallelStrategy)
     except ValueError as err:
         raise ConfigError(str(err)) from None
     if legacy is not None and strategy_cfg.kind == "single":

@@ -183,3 +183,155 @@ def test_sharded_checkpoint_metadata_with_pickled_code_is_refused(tmp_path):
         with pytest.raises(CheckpointError, match="posix.system is not allowed|system is not allowed"):
             load(folder)
     assert not marker.exists()
+
+
+# ----------------------------------------------------------------------------- hostile DCP folders (issue 14)
+
+
+def _dcp_folder(folder, state=None):
+    """A DCP folder as ModelParallelStrategy writes it (shards + .metadata + meta.pt); `state`
+    defaults to weights and an optimizer's plain hyperparameters (stored as DCP "bytes" entries)."""
+    import torch.distributed.checkpoint as dcp
+
+    state = state or {"state_dict": {"ema.w": torch.arange(6.0).reshape(2, 3), "dit.w": torch.ones(2)},
+                      "optimizer_0": {"param_groups": [{"lr": 0.1, "betas": (0.9, 0.99)}]}}
+    dcp.save(state, checkpoint_id=str(folder), no_dist=True)
+    torch.save({"global_step": 3, "dit_video": {"latent_shape": [1, 2, 2]}}, folder / "meta.pt")
+    return folder
+
+
+def _dotted_global_pickle(marker) -> bytes:
+    """Protocol-4 pickle of `filesystem.Path.write_text(filesystem.Path(marker), "pwned")`: names
+    from a DCP module, capitalised, resolved as a dotted path by pickle.find_class."""
+    import pickle
+
+    def text(s: str) -> bytes:
+        return pickle.SHORT_BINUNICODE + bytes([len(s.encode())]) + s.encode()
+
+    fs = "torch.distributed.checkpoint.filesystem"
+    return (pickle.PROTO + b"\x04" + text(fs) + text("Path.write_text") + pickle.STACK_GLOBAL
+            + text(fs) + text("Path") + pickle.STACK_GLOBAL + text(str(marker)) + pickle.TUPLE1 + pickle.REDUCE
+            + text("pwned") + pickle.TUPLE2 + pickle.REDUCE + pickle.STOP)
+
+
+def _every_dcp_reader(tmp_path):
+    from dit_video.checkpoint.load import load_training_checkpoint
+    from dit_video.checkpoint.verify import verify_checkpoint
+
+    return (verify_checkpoint, load_training_checkpoint, lambda p: resolve_ckpt_path(str(p), tmp_path))
+
+
+def test_dcp_metadata_with_a_dotted_global_is_refused(tmp_path):
+    folder = _dcp_folder(tmp_path / checkpoint_name(3))
+    marker = tmp_path / "pwned"
+    (folder / ".metadata").write_bytes(_dotted_global_pickle(marker))
+    for load in _every_dcp_reader(tmp_path):
+        with pytest.raises(CheckpointError, match=r"step-00000003.ckpt': torch.distributed.checkpoint.filesystem"
+                                                  r".Path.write_text is not allowed"):
+            load(folder)
+    assert not marker.exists()
+
+
+def test_dcp_bytes_entry_holding_code_is_refused_and_plain_values_load(tmp_path):
+    from dit_video.checkpoint.load import load_training_checkpoint
+
+    good = load_training_checkpoint(_dcp_folder(tmp_path / "good.ckpt"))
+    assert good["optimizer_0"]["param_groups"] == [{"lr": 0.1, "betas": (0.9, 0.99)}]  # weights_only=True suffices
+    marker = tmp_path / "pwned"
+    evil = _dcp_folder(tmp_path / "evil.ckpt", {"state_dict": {"ema.w": torch.ones(2), "extra": _RunsCode(marker)}})
+    with pytest.raises(CheckpointError, match=r"evil.ckpt': entry 'state_dict.extra' cannot be loaded safely "
+                                              r"\(weights_only=True.*posix.system"):
+        load_training_checkpoint(evil, sections=["state_dict"])
+    assert not marker.exists()
+
+
+def _grow_tensor(md, folder):  # a petabyte tensor backed by its 24 stored bytes
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, TensorStorageMetadata
+
+    entry = md.state_dict_metadata["state_dict.ema.w"]
+    huge = torch.Size([2**25, 2**25])
+    md.state_dict_metadata["state_dict.ema.w"] = TensorStorageMetadata(
+        entry.properties, huge, [ChunkStorageMetadata(torch.Size([0, 0]), huge)])
+
+
+def _grow_shape_only(md, folder):  # the same chunk, in a tensor declared 2**20 times as tall
+    entry = md.state_dict_metadata["state_dict.ema.w"]
+    entry.size = torch.Size([2**21, 3])
+
+
+def _share_storage(md, folder):  # 2000 chunks that all point at the same stored bytes
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex
+
+    entry = md.state_dict_metadata["state_dict.ema.w"]
+    info = md.storage_data[MetadataIndex("state_dict.ema.w", torch.Size([0, 0]))]
+    entry.size = torch.Size([2 * 2000, 3])
+    entry.chunks = [ChunkStorageMetadata(torch.Size([2 * i, 0]), torch.Size([2, 3])) for i in range(2000)]
+    for i in range(2000):
+        md.storage_data[MetadataIndex("state_dict.ema.w", torch.Size([2 * i, 0]))] = info
+
+
+def _long_list_index(md, folder):  # the loader would grow a list to 10 million entries
+    md.planner_data["optimizer_0.param_groups.0.lr"] = ("optimizer_0", "param_groups", 10**7, "lr")
+
+
+def _outside_folder(md, folder):
+    (folder.parent / "elsewhere.distcp").write_bytes((folder / "__0_0.distcp").read_bytes())
+    for info in md.storage_data.values():
+        info.relative_path = "../elsewhere.distcp"
+
+
+def _past_the_end(md, folder):
+    for info in md.storage_data.values():
+        info.offset += 10**9
+
+
+def _stream_transform(md, folder):
+    for info in md.storage_data.values():
+        info.transform_descriptors = ["stream.zstd"]
+
+
+@pytest.mark.parametrize("craft, reason", [
+    pytest.param(_grow_tensor, r"declares a chunk of 'state_dict.ema.w' of 4.0 PiB stored in", id="petabyte"),
+    pytest.param(_grow_shape_only, r"declares 'state_dict.ema.w' as 2097152x3 float32 \(24.0 MiB\) but its shards "
+                 r"hold", id="taller"),
+    pytest.param(_share_storage, r"declares 46.9 KiB of tensors but its shard files hold", id="shared_bytes"),
+    pytest.param(_long_list_index, r"gives 'optimizer_0.param_groups.0.lr' the nesting path", id="list_index"),
+    pytest.param(_outside_folder, r"points 'state_dict.ema.w' at '../elsewhere.distcp', outside the folder",
+                 id="outside"),
+    pytest.param(_past_the_end, r"places 'state_dict.ema.w' at bytes 10000\d+\+\d+ of __0_0.distcp", id="past_end"),
+    pytest.param(_stream_transform, r"asks for stream transforms \['stream.zstd'\]", id="transform"),
+])
+def test_dcp_declarations_the_shards_do_not_hold_are_refused_before_allocating(tmp_path, craft, reason):
+    import pickle
+
+    folder = _dcp_folder(tmp_path / checkpoint_name(3))
+    with open(folder / ".metadata", "rb") as f:
+        md = pickle.load(f)  # this test's own file
+    craft(md, folder)
+    (folder / ".metadata").write_bytes(pickle.dumps(md))
+    for load in _every_dcp_reader(tmp_path):
+        with pytest.raises(CheckpointError, match=f"step-00000003.ckpt': .metadata {reason}"):
+            load(folder)
+
+
+def _bytes_read() -> int:
+    """Bytes this process has read through read()/pread() so far (Linux /proc/self/io)."""
+    return int(next(line for line in open("/proc/self/io") if line.startswith("rchar:")).split()[1])
+
+
+def test_verifying_a_checkpoint_file_reads_no_tensor_data(tmp_path):
+    """Issue 13 item 11: verification before the real load reads the pickle, not the weights."""
+    from dit_video.checkpoint.verify import verify_checkpoint
+
+    path = tmp_path / "big.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(8 * 2**20)}, "global_step": 1}, path)  # 32 MiB of weights
+    before = _bytes_read()
+    verify_checkpoint(path)
+    assert _bytes_read() - before < 2**20  # the zip directory and the pickle, not the 32 MiB
+    marker = tmp_path / "pwned"
+    for legacy in (False, True):  # the zip format is mapped; the pre-1.6 format is read whole, still safely
+        evil = tmp_path / f"evil-{legacy}.ckpt"
+        torch.save({"state_dict": {}, "payload": _RunsCode(marker)}, evil, _use_new_zipfile_serialization=not legacy)
+        with pytest.raises(CheckpointError, match=r"evil-.*weights_only=True.*posix.system"):
+            verify_checkpoint(evil)
+    assert not marker.exists()

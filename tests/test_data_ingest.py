@@ -154,10 +154,12 @@ def test_ingest_resumes_by_unit_and_runs_in_parallel(raw_folder, tmp_path):
     cfg = _tiny(tmp_path / "out", unit_size=2, workers=2)
     first = ingest(sources, cfg)
     assert first["units"] == 4 and first["units_resumed"] == 0
+    manifest = (tmp_path / "out" / "manifest.jsonl").read_text()
+    assert len(manifest.splitlines()) == first["clips_written"] > 0
     (tmp_path / "out" / ".ingest" / "unit-00001.json").unlink()  # as if killed during unit 1
     again = ingest(sources, cfg)
     assert again["units_resumed"] == 3
-    assert (tmp_path / "out" / "manifest.jsonl").read_text() == (tmp_path / "out" / "manifest.jsonl").read_text()
+    assert (tmp_path / "out" / "manifest.jsonl").read_text() == manifest  # the redone unit's rows, same place
     assert again["clips_written"] == first["clips_written"] and again["dropped_by_reason"] == first["dropped_by_reason"]
 
 

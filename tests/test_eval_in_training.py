@@ -3,16 +3,24 @@ throughput/MFU/memory, all driven by conf/eval/."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
+import re
+import resource
 import socket
+import time
 
 import numpy as np
 import pytest
 import torch
+from test_flops import counted
 from tiny_run import TINY_DATA, TINY_DIT, compose_train, distributed_sampling_worker, tiny_run
 
+from dit_video.checkpoint.load import load_checkpoint
 from dit_video.eval.samples import rank_share
 from dit_video.eval.throughput import PEAK_TFLOPS_BF16, measure_cpu_matmul_tflops, peak_tflops
+from dit_video.model import DiT, DiTConfig
 from dit_video.plots import read_metric
 from dit_video.provenance import detect
 
@@ -37,7 +45,7 @@ def test_peak_table_and_measured_cpu_rate():
           f"GFLOP/s ({torch.get_num_threads()} threads)")
 
 
-def test_training_run_logs_samples_val_loss_and_throughput(run, tmp_path):
+def test_training_run_logs_samples_val_loss_and_throughput(run, tmp_path, caplog):
     from dit_video.run import train
 
     data = [f"data.shards={run['shards']}/train-*.tar", f"data.val_shards={run['shards']}/val-*.tar"]
@@ -47,10 +55,13 @@ def test_training_run_logs_samples_val_loss_and_throughput(run, tmp_path):
                         "eval.val_loss.max_batches=1", "eval.throughput.log_every_n_steps=2",
                         f"run_dir={tmp_path}", "trainer.enable_model_summary=false")
     threads = torch.get_num_threads()
+    caplog.set_level(logging.INFO, logger="dit_video")
+    rss_before, start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, time.perf_counter()
     try:
         train(cfg)
     finally:
         torch.set_num_threads(threads)
+    wall, rss_after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
     for step in (2, 4):
         videos = sorted((tmp_path / "samples" / f"step-{step:07d}").glob("*.mp4"))
         assert len(videos) == 4 and detect(videos[0]).detected
@@ -61,8 +72,28 @@ def test_training_run_logs_samples_val_loss_and_throughput(run, tmp_path):
     assert "val/loss_t" in header and "eval/probe_score" in header
     _, mfu = read_metric(metrics, "perf/mfu")
     _, tokens = read_metric(metrics, "perf/tokens_per_sec")
+    _, samples = read_metric(metrics, "perf/samples_per_sec")
+    _, tflops = read_metric(metrics, "perf/tflops_per_device")
     _, rss = read_metric(metrics, "mem/max_rss_gb")
-    assert mfu and 0 < mfu[-1] < 1.5 and tokens[-1] > 0 and rss[-1] > 0.1
+    # Each logged number against an independent computation (a range would pass a wrong factor):
+    meta = load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")["dit_video"]
+    dit, latent_shape = DiT(DiTConfig.from_dict(meta["dit_config"])), tuple(meta["latent_shape"])
+    text_len = int(meta["config"]["text_encoder"]["max_length"])
+    # tokens per sample: the patch grid, by hand
+    grid = [n // p for n, p in zip(latent_shape, dit.cfg.patch_size, strict=True)]
+    assert tokens[-1] == pytest.approx(samples[-1] * grid[0] * grid[1] * grid[2], rel=1e-9)
+    # FLOPs per sample: torch's FlopCounterMode on a forward + backward of the run's DiT, with the
+    # "math" attention backend, whose explicit matmuls it counts (it cannot see CPU SDPA's)
+    math_dit = DiT(dataclasses.replace(dit.cfg, attn_backend="math"))
+    flops = counted(math_dit, latent_shape, text_len, 2, train=True) / 2
+    assert tflops[-1] * 1e12 == pytest.approx(samples[-1] * flops, rel=0.02)
+    # MFU: achieved over the peak the run measured and logged (printed to 3 digits)
+    peak = float(re.search(r"peak ([0-9.e+-]+) TFLOP/s per device", caplog.text).group(1))
+    assert mfu[-1] == pytest.approx(tflops[-1] / peak, rel=6e-3)
+    # samples/s: the timed window (steps 3 and 4, 8 samples each) lies within the run's wall time
+    assert samples[-1] >= 2 * 8 / wall
+    # peak RSS: ru_maxrss only grows, so the logged value lies between this process's before and after
+    assert rss_before <= rss[-1] <= rss_after
     environment = json.loads((tmp_path / "environment.json").read_text())
     assert environment["packages"]["torch"] and "git_commit" in environment and (tmp_path / "config.yaml").is_file()
     print(f"\ntiny demo run: MFU {mfu[-1]:.2%} of measured CPU GEMM, {tokens[-1]:.0f} tokens/s")

@@ -11,10 +11,13 @@ import sys
 import numpy as np
 import pytest
 import torch
+from scipy.linalg import sqrtm
 from tiny_run import ROOT, calibrated_random_i3d, save_tiny_clip, tiny_run
 
+import dit_video.eval.evaluate as evaluate_module
+from dit_video.data.browse import browse_shards
 from dit_video.eval.evaluate import EvalConfig, evaluate, main
-from dit_video.metrics.fvd import save_i3d
+from dit_video.metrics.fvd import i3d_features, save_i3d
 
 
 @pytest.fixture(scope="module")
@@ -22,12 +25,25 @@ def run(tmp_path_factory):
     return tiny_run(tmp_path_factory)
 
 
-def test_evaluate_writes_json_and_markdown_with_every_metric(run, tmp_path):
-    from dit_video.data.browse import browse_shards
+def reference_fvd(real: np.ndarray, fake: np.ndarray) -> float:
+    """Frechet distance the textbook way (pytorch-fid): scipy's general matrix square root of S1 S2."""
+    s1, s2 = np.cov(real, rowvar=False), np.cov(fake, rowvar=False)
+    return float(((real.mean(0) - fake.mean(0)) ** 2).sum() + np.trace(s1 + s2 - 2 * sqrtm(s1 @ s2).real))
 
-    real = np.stack([s["clip"] for s in browse_shards(f"{run['shards']}/val-*.tar", limit=8)])
+
+def test_evaluate_writes_json_and_markdown_with_every_metric(run, tmp_path, monkeypatch):
+    val = f"{run['shards']}/val-*.tar"
+    real = np.stack([s["clip"] for s in browse_shards(val, limit=8)])
     i3d = save_i3d(calibrated_random_i3d(real), tmp_path / "i3d.safetensors")
     clip_dir = save_tiny_clip(tmp_path / "clip")
+    seen = []  # (clips, features) of every I3D pass: the reference set, then one per weights
+
+    def recording_i3d_features(clips, model, **kw):
+        features = i3d_features(clips, model, **kw)
+        seen.append((np.array(clips), features))
+        return features
+
+    monkeypatch.setattr(evaluate_module, "i3d_features", recording_i3d_features)
     threads = torch.get_num_threads()
     cfg = EvalConfig(ckpt=str(run["run"]), weights="both", steps=2, i3d_path=str(i3d), i3d_size=32,
                      clip_path=str(clip_dir), out=str(tmp_path / "eval"), num_real=10, num_threads=1)
@@ -38,8 +54,16 @@ def test_evaluate_writes_json_and_markdown_with_every_metric(run, tmp_path):
     assert set(report["results"]) == {"ema", "raw"} and report["num_samples"] == 20  # 5 colours x 4 directions
     for result in report["results"].values():
         assert 0.0 <= result["probe"]["score"] <= 1.0 and result["probe"]["num_clips"] == 20
-        assert result["fvd"] >= 0.0 and 0.0 <= result["clipscore"] <= 100.0
+        assert 0.0 <= result["clipscore"] <= 100.0
     assert report["fvd_reference"]["num_clips"] == 10 and not report["skipped"]
+    # FVD against an independent computation: the reference set is the first 10 validation clips,
+    # each weights' FVD is the textbook Frechet distance between the two feature sets.
+    (real_clips, real_features), *fakes = seen
+    np.testing.assert_array_equal(real_clips, np.stack([s["clip"] for s in browse_shards(val, limit=10)]))
+    assert [len(clips) for clips, _ in fakes] == [20, 20]
+    for weights, (_, fake_features) in zip(("ema", "raw"), fakes, strict=True):
+        assert report["results"][weights]["fvd"] == pytest.approx(reference_fvd(real_features, fake_features),
+                                                                  rel=1e-5)
     saved = json.loads((tmp_path / "eval" / "report.json").read_text())
     assert saved["results"]["ema"]["fvd"] == pytest.approx(report["results"]["ema"]["fvd"])
     markdown = (tmp_path / "eval" / "report.md").read_text()

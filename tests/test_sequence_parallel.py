@@ -132,7 +132,7 @@ def test_sequence_parallel_config_errors():
         StrategyConfig(kind="ddp", sp_attention="flash").validate()
     cfg = compose_train("strategy=fsdp", "strategy.sequence_parallel_size=2", "strategy.sp_attention=ring")
     strategy, _ = build_strategy(cfg, {"devices": 4})
-    assert type(strategy).__name__ == "SequenceParallelModelParallelStrategy"
+    assert type(strategy).__name__ == "SequenceParallelSafeModelParallelStrategy"  # FSDP resume stays safe under SP
     parallel = build_parallel(cfg)
     assert (parallel.sequence_parallel_size, parallel.sp_attention, parallel.fsdp) == (2, "ring", True)
 

@@ -13,14 +13,18 @@ replaced the same way afterwards. A job killed at any moment (SIGKILL, node loss
 therefore leaves either the new checkpoint complete and pointed at, or the previous one still
 complete and still pointed at; a leftover `.tmp` is ignored and removed by the next save.
 
-Loading never unpickles code: files load with `torch.load(weights_only=True)` and the exported
-EMA weights are a safetensors file.
+Loading never unpickles code: files load with `torch.load(weights_only=True)`; a DCP folder's
+`.metadata` passes an exact allowlist and its declarations are checked against the shard files
+before anything is allocated, and its non-tensor entries load with weights_only=True, in every
+reader including training resume; the exported EMA weights are a safetensors file.
 
 Modules:
   paths.py    names on disk, the newest complete checkpoint, `ckpt_path=auto`, run dir -> checkpoint
-  verify.py   refuse a file or DCP folder that would unpickle code, before anything else reads it
+  verify.py   refuse a file or DCP folder that would unpickle code, cheaply, before anything else reads it
+  dcp.py      DCP folders (FSDP2) read safely: checked .metadata, torch's reader and planners made safe
   load.py     a step checkpoint as one dict (file or DCP folder, read whole on this process)
   save.py     StepCheckpoint (the callback) and SafeCheckpointIO: atomic, durable writes
+  strategy.py SafeModelParallelStrategy: FSDP2 training resume through dcp.py
   resume.py   the training loader's position in every checkpoint (replay fallback)
   export.py   EMA weights -> one safetensors file (`python -m dit_video.checkpoint export ...`)
 """

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -65,4 +66,8 @@ def main(argv: list[str] | None = None) -> None:
         if found is None:
             raise SystemExit(f"no complete checkpoint in {ckpt}")
         ckpt = found
-    print(export_ema(ckpt, args.out))
+    try:
+        print(export_ema(ckpt, args.out))
+    except CheckpointError as err:  # a bad or hostile checkpoint: one line, no traceback
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -6,11 +6,9 @@ import hashlib
 from pathlib import Path
 
 import torch
-from torch.distributed.checkpoint import FileSystemReader
-from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
-from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
-from dit_video.checkpoint.verify import load_checkpoint_file, verify_checkpoint
+from dit_video.checkpoint.dcp import SafeFullLoadPlanner, load_dcp, why
+from dit_video.checkpoint.verify import load_checkpoint_file, verify_dcp_checkpoint
 from dit_video.errors import CheckpointError
 from dit_video.files import sha256_file
 
@@ -22,15 +20,15 @@ def load_training_checkpoint(path: str | Path, sections: list[str] | None = None
     process group, into full CPU tensors; `sections` picks which of its top-level entries to
     read ("state_dict", "optimizer_0", ...; None = all; sampling needs only "state_dict", which
     skips the optimizer state, twice the weights' size under AdamW). Nothing is unpickled beyond
-    tensors and plain types: `.metadata` passes the allowlist first (verify_checkpoint).
+    tensors and plain types, and nothing is allocated that the shard files do not hold:
+    `.metadata` is checked once (dit_video.checkpoint.dcp) and handed to the reader.
     """
     path = Path(path)
     if path.is_dir():
-        verify_checkpoint(path)
+        metadata = verify_dcp_checkpoint(path)
         state: dict = {}
         # No process group: DCP reads every shard on this process into plain tensors.
-        _load_state_dict(state, storage_reader=FileSystemReader(str(path)),
-                         planner=_EmptyStateDictLoadPlanner(keys=sections), no_dist=True)
+        load_dcp(state, path, metadata, SafeFullLoadPlanner(path, keys=sections), no_dist=True)
         meta = load_checkpoint_file(path / "meta.pt")
         if "state_dict" not in state:
             raise CheckpointError(f"checkpoint '{path}' holds no 'state_dict' (not a Lightning DCP checkpoint)")
@@ -50,9 +48,7 @@ def load_checkpoint(path: str | Path) -> dict:
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # never fall back to full unpickling
-            raise CheckpointError(
-                f"checkpoint '{path}' cannot be loaded safely (weights_only=True): {str(err).splitlines()[0]}"
-            ) from None
+            raise CheckpointError(f"checkpoint '{path}' cannot be loaded safely (weights_only=True): {why(err)}") from None
     if "dit_video" not in ckpt or "state_dict" not in ckpt:
         raise CheckpointError(f"checkpoint '{path}' was not written by dit-video's DiT training")
     return ckpt
