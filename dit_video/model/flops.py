@@ -70,10 +70,12 @@ def dit_flops(cfg: DiTConfig, latent_shape: tuple[int, int, int], text_len: int)
     """Per-sample FLOPs of DiT(cfg) on latents of size (T, H, W) with `text_len` (padded) text tokens.
 
     Cross-attention (and MMDiT's joint attention) is counted over all `text_len` positions, padded
-    or not: the kernels compute masked scores too. Absolute position embeddings are adds, not matmuls.
+    or not: the kernels compute masked scores too. A model with cfg.text_len > 0 (Wan) pads every
+    caption to cfg.text_len tokens, which then replaces `text_len`. Absolute position embeddings and
+    Wan's final modulation table are adds, not matmuls.
     """
     N = math.prod(cfg.grid(latent_shape))  # video tokens
-    L = text_len
+    L = cfg.text_len or text_len
     D = cfg.hidden_size
     F = int(D * cfg.mlp_ratio)
     fc = FlopCount()
@@ -114,7 +116,8 @@ def dit_flops(cfg: DiTConfig, latent_shape: tuple[int, int, int], text_len: int)
             fc.add("joint_attention_scores", attention_flops(N + L, N + L, D))
             add_adaln_zero(3)
     # 3. final layer: adaLN (per sample) and the projection to patch values
-    fc.add("final_adaln", linear_flops(1, D, 2 * D))
+    if cfg.final_modulation == "linear":
+        fc.add("final_adaln", linear_flops(1, D, 2 * D))
     fc.add("final_linear", linear_flops(N, D, cfg.out_dim * math.prod(cfg.patch_size)))
     return fc
 
