@@ -90,6 +90,19 @@ def memory_per_gpu(
     return MemoryEstimate(4 * P / world + gathered, 4 * P / world + unsharded_grad, 8 * P / world, 4 * P / world, act)
 
 
+# Fine-tuning from converted weights (init_from): the GPU counts shown, and what trains. Full fine-tuning
+# trains every weight, so its rows are the FSDP + ckpt model above at each count.
+# LoRA (issue 17, part 2) adds its rows here: adapters trained, the base frozen (no grads, no moments).
+FINETUNE_GPUS = (1, 8)
+FINETUNE_MODES = ("full",)
+
+
+def finetune_rows(cfg, n_params: int, block_params: int, act: float) -> list[tuple[str, MemoryEstimate]]:
+    """(label, memory per GPU) for fine-tuning with FSDP2 + activation checkpointing on FINETUNE_GPUS."""
+    return [(f"{mode}, {world} GPU{'s' if world > 1 else ''}", memory_per_gpu(cfg, n_params, block_params, world, "FSDP", act))
+            for mode in FINETUNE_MODES for world in FINETUNE_GPUS]
+
+
 def parse_bucket(text: str) -> tuple[int, int, int]:
     try:
         frames, height, width = (int(v) for v in text.lower().split("x"))
@@ -154,6 +167,11 @@ def main(argv: list[str] | None = None) -> None:
             for strategy in STRATEGIES:
                 m = memory_per_gpu(dit_cfg, n_params, block_params, world, strategy, act)
                 label = f"{strategy}{' + ckpt' if ckpt else ''}"
+                print(f"  {label:<24} {m.params / GiB:7.2f} {m.grads / GiB:7.2f} {m.optimizer / GiB:7.2f} "
+                      f"{m.ema / GiB:7.2f} {m.activations / GiB:7.2f} {m.total / GiB:7.2f}")
+        if cfg.init_from:  # fine-tuning converted weights: the counts people have (one GPU, one node)
+            print(f"  fine-tuning init_from, FSDP2 + ckpt ({batch} sample(s) per GPU)")
+            for label, m in finetune_rows(dit_cfg, n_params, block_params, activation_bytes(dit_cfg, tokens, batch, precision, True)):
                 print(f"  {label:<24} {m.params / GiB:7.2f} {m.grads / GiB:7.2f} {m.optimizer / GiB:7.2f} "
                       f"{m.ema / GiB:7.2f} {m.activations / GiB:7.2f} {m.total / GiB:7.2f}")
 

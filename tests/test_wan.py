@@ -156,4 +156,4 @@ def test_released_config_json_converts_to_the_preset(tmp_path):
               "image_dim": None, "in_channels": 16, "num_attention_heads": 12, "num_layers": 30, "out_channels": 16,
               "patch_size": [1, 2, 2], "qk_norm": "rms_norm_across_heads", "rope_max_seq_len": 1024, "text_dim": 4096}
     (tmp_path / "config.json").write_text(json.dumps(config))
-    assert dit_config_from_wan(config) == dit_config("Wan2.1-T2V-1.3B", in_channels=16, text_dim=4096, out_channels=16)
+    assert dit_config_from_wan(config) == dit_config("Wan2.1-T2V-1.3B", in_channels=16, text_dim=4096)

@@ -65,11 +65,12 @@ def dit_config_from_wan(config: dict, text_len: int = 512, source: str = "config
     hidden = heads * head_dim
     ffn_dim = int(config.get("ffn_dim", 13824))
     in_channels = int(config.get("in_channels", 16))
+    out_channels = int(config.get("out_channels") or in_channels)
     return DiTConfig(**{
         **WAN_LAYOUT,
         "in_channels": in_channels,
         "text_dim": int(config.get("text_dim", 4096)),
-        "out_channels": int(config.get("out_channels") or in_channels),
+        "out_channels": None if out_channels == in_channels else out_channels,  # None: our spelling of "same"
         "hidden_size": hidden,
         "depth": int(config.get("num_layers", 40)),
         "num_heads": heads,
@@ -265,6 +266,7 @@ def dit_to_wan_state(state: dict[str, torch.Tensor], cfg: DiTConfig) -> dict[str
 def config_difference(recorded: DiTConfig, built: DiTConfig, ignore: tuple[str, ...] = ()) -> str | None:
     """The first field (not in `ignore`) where two DiT configs differ, as 'field=recorded vs built', or None."""
     a, b = asdict(recorded), asdict(built)
+    a["out_channels"], b["out_channels"] = recorded.out_dim, built.out_dim  # None means in_channels
     for field in a:
         if field not in ignore and a[field] != b[field]:
             return f"model.{field}={a[field]!r} there, {b[field]!r} in this run"
