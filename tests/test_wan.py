@@ -12,6 +12,7 @@ from tiny_wan import WAN_21, WAN_22, assert_close, load_wan, padded_text, save_w
 from dit_video.convert import dit_config_from_wan, load_wan_folder
 from dit_video.convert.wan import dit_to_wan_state
 from dit_video.model import DiT, dit_config
+from dit_video.model.rope import rope_table
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -157,3 +158,14 @@ def test_released_config_json_converts_to_the_preset(tmp_path):
               "patch_size": [1, 2, 2], "qk_norm": "rms_norm_across_heads", "rope_max_seq_len": 1024, "text_dim": 4096}
     (tmp_path / "config.json").write_text(json.dumps(config))
     assert dit_config_from_wan(config) == dit_config("Wan2.1-T2V-1.3B", in_channels=16, text_dim=4096)
+
+
+def test_rope_table_equals_wans_at_the_released_480p_grid():
+    """At 81 frames of 480x832 (21 x 30 x 52 tokens, positions up to 51) our float32 angles give Wan's
+    float64-computed table to 1e-5, pair i of Wan's interleaved layout being channel i of our half."""
+    grid = (21, 30, 52)
+    cos, sin = diffusers.models.transformers.transformer_wan.WanRotaryPosEmbed(128, (1, 2, 2), 1024)(torch.zeros(1, 16, grid[0], 2 * grid[1], 2 * grid[2]))
+    ours_cos, ours_sin = rope_table(grid, dit_config("Wan2.1-T2V-1.3B", in_channels=16, text_dim=4096).axes_dim, 1e4)
+    assert_close(ours_cos[:, :64], cos[0, :, 0, 0::2], "cos")
+    assert_close(ours_sin[:, :64], sin[0, :, 0, 1::2], "sin")
+    assert torch.equal(ours_cos[:, :64], ours_cos[:, 64:])  # rotate-half: both halves of a pair share the angle
