@@ -135,7 +135,7 @@ def _main() -> None:
 
     latent_shape, text_len = (9, 32, 32), 226  # dit_256: 33 frames at 256^2 through a 4x8x8 VAE, T5 text
     print(f"latents {latent_shape}, {text_len} text tokens, text_dim 4096, 16 latent channels")
-    print(f"{'preset':>7} {'params':>9} {'tokens':>7} {'fwd GFLOP':>10} {'train GFLOP':>12} {'attn %':>7} {'6NT/exact':>10}")
+    print(f"{'preset':>15} {'params':>9} {'tokens':>7} {'fwd GFLOP':>10} {'train GFLOP':>12} {'attn %':>7} {'6NT/exact':>10}")
     # Every preset, then the 1B preset in the conditioning variants (docs/models.md, "Model variants").
     rows = [(name, DIT_PRESETS[name]) for name in DIT_PRESETS] + [
         ("1B zero", {**DIT_PRESETS["1B"], "modulation": "adaln_zero"}),
@@ -148,7 +148,7 @@ def _main() -> None:
         fc = dit_flops(cfg, latent_shape, text_len)
         tokens = math.prod(cfg.grid(latent_shape))
         print(
-            f"{name:>7} {n_params / 1e6:8.1f}M {tokens:7d} {fc.forward / 1e9:10.1f} {fc.training / 1e9:12.1f} "
+            f"{name:>15} {n_params / 1e6:8.1f}M {tokens:7d} {fc.forward / 1e9:10.1f} {fc.training / 1e9:12.1f} "
             f"{100 * fc.attention / fc.forward:6.1f}% {naive_training_flops(cfg, n_params, latent_shape) / fc.training:10.2f}"
         )
 
