@@ -53,7 +53,7 @@ class DiTConfig:
     # (fixed 3D sin-cos added to the tokens, any grid size) or "learned" (a table of max_grid size).
     pos_embed: str = "rope"
     max_grid: tuple[int, int, int] | None = None  # pos_embed=learned: largest token grid (T', H', W') it covers
-    # Wan 2.1/2.2 (docs/models.md, "Wan"): the four fields below, rope_axes_dim = Wan's split and
+    # Wan 2.1/2.2 (docs/models.md, "Wan layout"): the four fields below, rope_axes_dim = Wan's split and
     # time_scale 1000 make this DiT compute exactly diffusers' WanTransformer3DModel (dit_video/convert/).
     qk_norm_across_heads: bool = False  # qk_norm: one RMSNorm over all heads (weight [D]; Wan), not one per head
     cross_attn_norm: bool = True  # an affine LayerNorm on the tokens entering cross-attention (Wan's cross_attn_norm)
