@@ -15,6 +15,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from dit_video.convert import config_difference, load_dit_weights
 from dit_video.data.buckets import image_buckets
 from dit_video.data.config import VideoDataConfig
 from dit_video.data.datamodule import VideoDataModule
@@ -31,8 +32,8 @@ from dit_video.encoders.causal_vae import (
 from dit_video.encoders.pretrained_vae import PretrainedVAEConfig, load_pretrained_vae
 from dit_video.encoders.text import minilm_path
 from dit_video.encoders.text_concat import build_text_encoder as build_text_encoders
-from dit_video.errors import ConfigError
-from dit_video.model import DIT_PRESETS, DiTConfig
+from dit_video.errors import CheckpointError, ConfigError
+from dit_video.model import DIT_PRESETS, DiT, DiTConfig
 from dit_video.parallel import SP_ATTENTIONS, StrategyConfig
 
 
@@ -101,6 +102,26 @@ def build_dit_config(model_node, in_channels: int, text_dim: int, pooled_dim: in
         values["pooled_text_dim"] = int(pooled_dim)
     values = {**DIT_PRESETS.get(preset, {}), **values, "in_channels": in_channels, "text_dim": text_dim}
     return dataclass_from(DiTConfig, values, "model")
+
+
+# DiTConfig fields that change no weight: a run may set them freely when it starts from converted weights.
+INIT_FROM_FREE = ("attn_backend", "rope_scale")
+
+
+def init_dit_from(dit: DiT, path: str) -> None:
+    """`init_from=PATH`: load weights written by `python -m dit_video.convert` (or an EMA export, or a
+    diffusers Wan folder, converted on the fly) into `dit` before training. ConfigError, one line, when
+    they were made for another DiT config than the run's `model`."""
+
+    try:
+        weights_cfg, state, _ = load_dit_weights(path)
+    except CheckpointError as err:
+        raise ConfigError(f"init_from: {err}") from None
+    difference = config_difference(weights_cfg, dit.cfg, ignore=INIT_FROM_FREE)
+    if difference:
+        raise ConfigError(f"init_from={path}: {difference}; use the model config the weights were converted for "
+                          "(e.g. model=wan2_1_t2v_1_3b) or convert them again")
+    dit.load_state_dict(state)
 
 
 def build_objective_from(cfg: DictConfig):

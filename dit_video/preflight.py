@@ -207,6 +207,21 @@ def vae_encode_bytes(vae: CausalVAEConfig, frames: int, height: int, width: int,
     return float(VAE_ENCODE_COPIES * 4 * largest * batch)
 
 
+# Fine-tuning from converted weights (init_from): the GPU counts shown, and what trains. Full fine-tuning
+# trains every weight, so its rows are the FSDP + ckpt model above at each count.
+# LoRA (issue 17, part 2) adds its rows here: adapters trained, the base frozen (no grads, no moments).
+FINETUNE_GPUS = (1, 8)
+FINETUNE_MODES = ("full",)
+
+
+def finetune_rows(cfg, n_params: int, block_params: int, act: float, matmul_params: int = 0,
+                  precision: str = "bf16", frozen: float = 0.0, vae_encode: float = 0.0) -> list[tuple[str, MemoryEstimate]]:
+    """(label, memory per GPU) for fine-tuning with FSDP2 + activation checkpointing on FINETUNE_GPUS."""
+    return [(f"{mode}, {world} GPU{'s' if world > 1 else ''}",
+             memory_per_gpu(cfg, n_params, block_params, world, "FSDP", act, matmul_params, precision, frozen, vae_encode))
+            for mode in FINETUNE_MODES for world in FINETUNE_GPUS]
+
+
 def parse_bucket(text: str) -> tuple[int, int, int]:
     try:
         frames, height, width = (int(v) for v in text.lower().split("x"))
@@ -286,6 +301,14 @@ def main(argv: list[str] | None = None) -> None:
                 m = memory_per_gpu(dit_cfg, n_params, block_params, world, strategy, act, matmul_params, precision,
                                    frozen, vae_peak)
                 label = f"{strategy}{' + ckpt' if ckpt else ''}"
+                print(f"  {label:<17} " + " ".join(f"{v / GiB:7.2f}" for v in (
+                    m.params, m.grads, m.optimizer, m.ema, m.buckets, m.frozen, m.activations, m.autocast_cache,
+                    m.vae_encode, m.total)))
+        if cfg.init_from:  # fine-tuning converted weights: the counts people have (one GPU, one node)
+            print(f"  fine-tuning init_from, FSDP2 + ckpt ({batch} sample(s) per GPU)")
+            act = activation_bytes(dit_cfg, tokens, batch, precision, True)
+            for label, m in finetune_rows(dit_cfg, n_params, block_params, act, matmul_params, precision, frozen,
+                                          vae_peak):
                 print(f"  {label:<17} " + " ".join(f"{v / GiB:7.2f}" for v in (
                     m.params, m.grads, m.optimizer, m.ema, m.buckets, m.frozen, m.activations, m.autocast_cache,
                     m.vae_encode, m.total)))

@@ -44,6 +44,7 @@ from dit_video.build import (
     data_config_class,
     dataclass_from,
     encoder_identities,
+    init_dit_from,
     vae_training_configs,
 )
 from dit_video.callbacks import NonFiniteGuard, Preemption, RNGState
@@ -124,6 +125,9 @@ def preflight(cfg: DictConfig) -> None:
                         "(use vae=causal_demo)")
     elif cfg.task != "vae":
         problems.append(f"task={cfg.task!r}: use 'dit' or 'vae'")
+    if cfg.task == "dit" and cfg.init_from and not Path(str(cfg.init_from)).exists():
+        problems.append(f"init_from: '{cfg.init_from}' does not exist (convert released weights with "
+                        "`python -m dit_video.convert SRC OUT.safetensors`)")
     cuda = _cuda_problem(cfg.trainer)
     if cuda:
         problems.append(cuda)
@@ -325,8 +329,11 @@ def train_dit(cfg: DictConfig, run_dir: Path) -> None:
         "latent_shape": list(latent_shape),
         **identities,
     }
+    dit = DiT(dit_cfg)
+    if cfg.init_from:  # start from converted weights (a released Wan); the EMA below starts from them too
+        init_dit_from(dit, str(cfg.init_from))
     trainer = build_trainer(cfg, run_dir)
-    module = DiTModule(DiT(dit_cfg), objective, vae, text_encoder, optim, float(cfg.ema_decay), meta,
+    module = DiTModule(dit, objective, vae, text_encoder, optim, float(cfg.ema_decay), meta,
                        build_parallel(cfg), text_encoder_cache=int(cfg.text_encoder_cache))
     fit(trainer, module, datamodule, cfg, run_dir)
     _finish(trainer, run_dir)

@@ -66,13 +66,16 @@ VARIANT_CONFIGS = [
           patch_size=(2, 2, 2), mlp_ratio=3.0, pos_embed="learned", max_grid=(2, 4, 4)), (4, 8, 8), 5, 1),
     (dict(hidden_size=48, depth=2, num_heads=3, conditioning="mmdit", pooled_text_dim=8, pos_embed="sincos",
           text_dim=40), (2, 4, 6), 33, 3),
+    # Wan's layout (dit_video/convert): captions padded to text_len=9 tokens, a final table instead of a projection
+    (dict(hidden_size=64, depth=2, num_heads=2, qk_norm_across_heads=True, cross_attn_norm=False, text_len=9,
+          final_modulation="table", rope_axes_dim=(12, 10, 10), mlp_ratio=1.5), (3, 4, 6), 7, 2),
 ]
 
 
 def variant_attention_term(cfg: DiTConfig, latent_shape, text_len: int) -> int:
     """Per-sample attention FLOPs of any variant: MMDiT attends over the joint text + video sequence."""
     if cfg.conditioning == "cross_attn":
-        return attention_term(cfg, latent_shape, text_len)
+        return attention_term(cfg, latent_shape, cfg.text_len or text_len)  # text_len > 0: padded captions
     n = math.prod(cfg.grid(latent_shape)) + text_len
     return cfg.depth * attention_flops(n, n, cfg.hidden_size)
 

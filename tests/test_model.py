@@ -296,6 +296,8 @@ PARAM_RANGES = {  # with text_dim 4096 (T5-XXL) and 16 latent channels
     "3B": (2.8e9, 3.2e9),
     "7B": (7.0e9, 7.8e9),
     "14B": (13.5e9, 14.5e9),  # Wan2.1-14B: 14B
+    "Wan2.1-T2V-1.3B": (1.3e9, 1.45e9),  # exact totals: tests/test_wan.py
+    "Wan2.1-T2V-14B": (14.0e9, 14.5e9),
 }
 
 

@@ -92,30 +92,42 @@ class Mlp(nn.Module):
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))  # [B, N, out_dim]
 
 
-class SelfAttention(nn.Module):
-    """Multi-head self-attention over video tokens: fused QKV, per-head QK RMSNorm, 3D RoPE."""
+def qk_norms(hidden_size: int, num_heads: int, qk_norm: bool, across_heads: bool, eps: float) -> tuple[nn.Module, nn.Module]:
+    """(q_norm, k_norm): RMSNorm per head (weight [hd]), over all heads at once (weight [D]; Wan), or none."""
+    if not qk_norm:
+        return nn.Identity(), nn.Identity()
+    dim = hidden_size if across_heads else hidden_size // num_heads
+    return RMSNorm(dim, eps), RMSNorm(dim, eps)
 
-    def __init__(self, hidden_size: int, num_heads: int, qk_norm: bool, eps: float, backend: str):
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention over video tokens: fused QKV, QK RMSNorm (per head, or across heads), 3D RoPE."""
+
+    def __init__(self, hidden_size: int, num_heads: int, qk_norm: bool, eps: float, backend: str,
+                 across_heads: bool = False):
         super().__init__()
         self.num_heads = num_heads
         self.backend = backend
         self.qk_norm = qk_norm
+        self.across_heads = across_heads
         # The attention function; dit_video/parallel.py swaps in a sequence-parallel one (Ulysses
         # or ring attention over a token-sharded sequence), so this file never sees a process group.
         self.attend = attention
-        head_dim = hidden_size // num_heads
         self.qkv = nn.Linear(hidden_size, 3 * hidden_size)  # one GEMM instead of three
-        self.q_norm = RMSNorm(head_dim, eps) if qk_norm else nn.Identity()
-        self.k_norm = RMSNorm(head_dim, eps) if qk_norm else nn.Identity()
+        self.q_norm, self.k_norm = qk_norms(hidden_size, num_heads, qk_norm, across_heads, eps)
         self.proj = nn.Linear(hidden_size, hidden_size)
 
     def forward(self, x: torch.Tensor, rope: RopeTable | None, mask=None) -> torch.Tensor:
         """x [B, N, D] -> [B, N, D]; mask: None (full attention) or a PackedMask (packed clips)."""
         # Norm before RoPE (SD3/Flux order): RMSNorm bounds the logits, RoPE then only rotates.
-        if self.qk_norm:  # head split, both norms and RoPE in one autograd Function (fused.py)
+        if self.qk_norm and not self.across_heads:  # head split, both norms and RoPE in one autograd Function (fused.py)
             q, k, v = qkv_heads(
                 self.qkv(x), self.q_norm.weight, self.k_norm.weight, rope, self.q_norm.eps, self.num_heads
             )  # each [B, H, N, hd], token-major memory: SDPA's output then is too, and merging heads is a view
+        elif self.across_heads:  # Wan: one RMS over all heads of a token, taken before the head split
+            q, k, v = self.qkv(x).chunk(3, dim=-1)  # each [B, N, D]
+            q, k, v = (rearrange(y, "b n (h d) -> b h n d", h=self.num_heads) for y in (self.q_norm(q), self.k_norm(k), v))
+            q, k = maybe_rope(q, rope), maybe_rope(k, rope)  # each [B, H, N, hd]
         else:
             # One copy into head-major layout: RoPE and SDPA then run on contiguous memory (on
             # strided views they measured 2-3x slower on CPU).
@@ -129,27 +141,32 @@ class SelfAttention(nn.Module):
 class CrossAttention(nn.Module):
     """Video tokens attend to text tokens; padded text positions are masked out. No RoPE on text."""
 
-    def __init__(self, hidden_size: int, num_heads: int, qk_norm: bool, eps: float, backend: str):
+    def __init__(self, hidden_size: int, num_heads: int, qk_norm: bool, eps: float, backend: str,
+                 across_heads: bool = False):
         super().__init__()
         self.num_heads = num_heads
         self.backend = backend
-        head_dim = hidden_size // num_heads
+        self.across_heads = across_heads
         self.q = nn.Linear(hidden_size, hidden_size)
         self.kv = nn.Linear(hidden_size, 2 * hidden_size)
-        self.q_norm = RMSNorm(head_dim, eps) if qk_norm else nn.Identity()
-        self.k_norm = RMSNorm(head_dim, eps) if qk_norm else nn.Identity()
+        self.q_norm, self.k_norm = qk_norms(hidden_size, num_heads, qk_norm, across_heads, eps)
         self.proj = nn.Linear(hidden_size, hidden_size)
 
     def forward(self, x: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor | None) -> torch.Tensor:
         """x [B, N, D], text [B, L, D], text_mask bool [B, 1, 1, L] (True = real token) or a
         PackedMask (packed clips and captions) -> [B, N, D]."""
         H = self.num_heads
-        # A view of token-major memory: the norm keeps its layout, SDPA's output follows q's, so merging
-        # the heads below is a view (no copy, and proj saves no second copy of SDPA's saved output).
-        q = rearrange(self.q(x), "b n (h d) -> b h n d", h=H)  # [B, H, N, hd]
-        kv = rearrange(self.kv(text), "b l (two h d) -> two b h l d", two=2, h=H)
-        k, v = kv.contiguous().unbind(0)  # each [B, H, L, hd]
-        q, k = self.q_norm(q), self.k_norm(k)
+        if self.across_heads:  # Wan: one RMS over all heads of a token, taken before the head split
+            k, v = self.kv(text).chunk(2, dim=-1)  # each [B, L, D]
+            q = rearrange(self.q_norm(self.q(x)), "b n (h d) -> b h n d", h=H)  # [B, H, N, hd]
+            k, v = (rearrange(y, "b l (h d) -> b h l d", h=H) for y in (self.k_norm(k), v))  # each [B, H, L, hd]
+        else:
+            # A view of token-major memory: the norm keeps its layout, SDPA's output follows q's, so merging
+            # the heads below is a view (no copy, and proj saves no second copy of SDPA's saved output).
+            q = rearrange(self.q(x), "b n (h d) -> b h n d", h=H)  # [B, H, N, hd]
+            kv = rearrange(self.kv(text), "b l (two h d) -> two b h l d", two=2, h=H)
+            k, v = kv.contiguous().unbind(0)  # each [B, H, L, hd]
+            q, k = self.q_norm(q), self.k_norm(k)
         out = attention(q, k, v, mask=text_mask, backend=self.backend)  # [B, H, N, hd]
         return self.proj(rearrange(out, "b h n d -> b n (h d)"))  # [B, N, D]
 
@@ -157,10 +174,11 @@ class CrossAttention(nn.Module):
 class DiTBlock(nn.Module):
     """One DiT block: adaLN-Zero self-attention, ungated cross-attention to text, adaLN-Zero MLP.
 
-    Cross-attention has its own (affine) LayerNorm and no timestep gate, as in PixArt-alpha and
-    Wan: the caption matters at every noise level, a t-gate could learn to shut it off (weakening
-    classifier-free guidance), and the t-modulated branches around it already adapt to t. Its
-    output projection is zero-initialised, so the whole block is the identity at init.
+    Cross-attention has its own (affine) LayerNorm (or none: cross_attn_norm=False) and no
+    timestep gate, as in PixArt-alpha and Wan: the caption matters at every noise level, a t-gate
+    could learn to shut it off (weakening classifier-free guidance), and the t-modulated branches
+    around it already adapt to t. Its output projection is zero-initialised, so the whole block is
+    the identity at init. qk_norm_across_heads: Wan's QK RMSNorm over all heads (see qk_norms).
     """
 
     def __init__(
@@ -172,12 +190,14 @@ class DiTBlock(nn.Module):
         eps: float,
         backend: str,
         adaln_single: bool = True,
+        qk_norm_across_heads: bool = False,
+        cross_attn_norm: bool = True,
     ):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, eps=eps, elementwise_affine=False)  # affine comes from adaLN
-        self.attn = SelfAttention(hidden_size, num_heads, qk_norm, eps, backend)
-        self.norm2 = nn.LayerNorm(hidden_size, eps=eps, elementwise_affine=True)
-        self.cross_attn = CrossAttention(hidden_size, num_heads, qk_norm, eps, backend)
+        self.attn = SelfAttention(hidden_size, num_heads, qk_norm, eps, backend, qk_norm_across_heads)
+        self.norm2 = nn.LayerNorm(hidden_size, eps=eps, elementwise_affine=True) if cross_attn_norm else nn.Identity()
+        self.cross_attn = CrossAttention(hidden_size, num_heads, qk_norm, eps, backend, qk_norm_across_heads)
         self.norm3 = nn.LayerNorm(hidden_size, eps=eps, elementwise_affine=False)
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio), hidden_size)
         if adaln_single:
@@ -219,17 +239,27 @@ class DiTBlock(nn.Module):
 
 
 class FinalLayer(nn.Module):
-    """adaLN (shift, scale from c) + Linear to patch values; both zero-initialised (DiT)."""
+    """adaLN (shift, scale from c) + Linear to patch values; both zero-initialised (DiT).
 
-    def __init__(self, hidden_size: int, patch_out_dim: int, eps: float):
+    modulation="linear": shift, scale = Linear(SiLU(c)) (DiT). "table": shift, scale = a learned
+    [2, D] table + c, with no projection (Wan's head; its table is zero-initialised here).
+    """
+
+    def __init__(self, hidden_size: int, patch_out_dim: int, eps: float, modulation: str = "linear"):
         super().__init__()
         self.norm = nn.LayerNorm(hidden_size, eps=eps, elementwise_affine=False)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+        if modulation == "table":
+            self.modulation = nn.Parameter(torch.zeros(2, hidden_size))
+        else:
+            self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
         self.linear = nn.Linear(hidden_size, patch_out_dim)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """x [B, N, D], c [B, D] (or [B, N, D] per token, for packed clips) -> [B, N, C_out*pt*ph*pw]."""
-        mod = self.adaLN_modulation(c)  # [B, 2D] or [B, N, 2D]
+        if hasattr(self, "modulation"):
+            mod = (self.modulation + c[..., None, :]).flatten(-2)  # [B, 2D] or [B, N, 2D]
+        else:
+            mod = self.adaLN_modulation(c)  # [B, 2D] or [B, N, 2D]
         if mod.dim() == 2:
             mod = mod[:, None]  # [B, 1, 2D]: one modulation for every token of a sample
         shift, scale = mod.chunk(2, dim=-1)  # each [B, 1 or N, D]

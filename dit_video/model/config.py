@@ -16,6 +16,7 @@ from .attention import BACKENDS
 CONDITIONINGS = ("cross_attn", "mmdit")
 MODULATIONS = ("adaln_single", "adaln_zero")
 POS_EMBEDS = ("rope", "sincos", "learned")
+FINAL_MODULATIONS = ("linear", "table")
 
 
 @dataclass
@@ -52,6 +53,16 @@ class DiTConfig:
     # (fixed 3D sin-cos added to the tokens, any grid size) or "learned" (a table of max_grid size).
     pos_embed: str = "rope"
     max_grid: tuple[int, int, int] | None = None  # pos_embed=learned: largest token grid (T', H', W') it covers
+    # Wan 2.1/2.2 (docs/models.md, "Wan layout"): the four fields below, rope_axes_dim = Wan's split and
+    # time_scale 1000 make this DiT compute exactly diffusers' WanTransformer3DModel (dit_video/convert/).
+    qk_norm_across_heads: bool = False  # qk_norm: one RMSNorm over all heads (weight [D]; Wan), not one per head
+    cross_attn_norm: bool = True  # an affine LayerNorm on the tokens entering cross-attention (Wan's cross_attn_norm)
+    # The final layer's shift/scale: "linear" = Linear(SiLU(c)) (DiT); "table" = a learned [2, D] table
+    # plus c itself (Wan: no projection, so the output sees the raw timestep embedding).
+    final_modulation: str = "linear"
+    # 0 = padded caption tokens are masked out of cross-attention. N > 0 = captions are zeroed at their
+    # padding, padded to N tokens and every token is attended, padding included (Wan was trained so, N = 512).
+    text_len: int = 0
 
     @classmethod
     def from_dict(cls, values: dict) -> DiTConfig:
@@ -123,6 +134,7 @@ class DiTConfig:
             ("conditioning", self.conditioning, CONDITIONINGS),
             ("modulation", self.modulation, MODULATIONS),
             ("pos_embed", self.pos_embed, POS_EMBEDS),
+            ("final_modulation", self.final_modulation, FINAL_MODULATIONS),
         ):
             if value not in known:
                 raise ValueError(f"model.{name}={value!r} is unknown; pick one of {', '.join(known)}")
@@ -130,6 +142,15 @@ class DiTConfig:
             raise ValueError(
                 f"model.pooled_text_dim={self.pooled_text_dim!r} must be 0 (off) or the pooled text width"
             )
+        if not isinstance(self.text_len, int) or self.text_len < 0:
+            raise ValueError(f"model.text_len={self.text_len!r} must be 0 (mask padded text) or the padded length (Wan: 512)")
+        if self.qk_norm_across_heads and not self.qk_norm:
+            raise ValueError("model.qk_norm_across_heads=true needs model.qk_norm=true (it says how q and k are normed)")
+        if self.conditioning == "mmdit":
+            for name, default in (("qk_norm_across_heads", False), ("cross_attn_norm", True), ("text_len", 0)):
+                if getattr(self, name) != default:
+                    raise ValueError(f"model.{name}={getattr(self, name)!r} applies to model.conditioning=cross_attn "
+                                     f"only (the Wan layout); set it to {default!r} for mmdit")
         if self.conditioning == "mmdit" and not 0 <= self.num_dual_blocks < self.depth:
             raise ValueError(
                 f"model.num_dual_blocks={self.num_dual_blocks} must be in [0, depth={self.depth}): mmdit ends "
@@ -190,6 +211,18 @@ def check_max_grid(grid: tuple[int, int, int], max_grid: tuple[int, int, int]) -
             )
 
 
+def wan_rope_axes_dim(head_dim: int) -> tuple[int, int, int]:
+    """Wan's split of head_dim over (t, h, w): h and w get 2 * (head_dim // 6) each, t the rest (128 -> 44, 42, 42)."""
+    spatial = 2 * (head_dim // 6)
+    return (head_dim - 2 * spatial, spatial, spatial)
+
+
+# Every field that makes a cross-attention DiT compute a Wan transformer, besides its sizes and rope_axes_dim.
+WAN_LAYOUT: dict = dict(
+    patch_size=(1, 2, 2), qk_norm=True, qk_norm_across_heads=True, cross_attn_norm=True, final_modulation="table",
+    text_len=512, rope_theta=10000.0, rope_scale=(1.0, 1.0, 1.0), freq_dim=256, time_scale=1000.0, norm_eps=1e-6,
+)
+
 # Named sizes. Widths/depths/heads of S, B, L, XL are the DiT paper's (Peebles & Xie 2023, Table 1).
 DIT_PRESETS: dict[str, dict] = {
     "demo": dict(hidden_size=192, depth=6, num_heads=6, patch_size=(1, 2, 2)),  # CPU-sized, head_dim 32
@@ -204,6 +237,12 @@ DIT_PRESETS: dict[str, dict] = {
     "7B": dict(hidden_size=3584, depth=36, num_heads=28, patch_size=(1, 2, 2)),
     # Wan2.1-14B's widths: dim 5120, 40 layers, 40 heads, FFN 13824 (mlp_ratio 2.7).
     "14B": dict(hidden_size=5120, depth=40, num_heads=40, mlp_ratio=13824 / 5120, patch_size=(1, 2, 2)),
+    # The released Wan 2.1 text-to-video transformers (Wan-AI/Wan2.1-T2V-*; README "Model Dim" table),
+    # exactly: load their weights with dit_video.convert. Wan 2.2 A14B's two experts have the 14B shape.
+    "Wan2.1-T2V-1.3B": dict(hidden_size=1536, depth=30, num_heads=12, mlp_ratio=8960 / 1536,
+                            rope_axes_dim=wan_rope_axes_dim(128), **WAN_LAYOUT),
+    "Wan2.1-T2V-14B": dict(hidden_size=5120, depth=40, num_heads=40, mlp_ratio=13824 / 5120,
+                           rope_axes_dim=wan_rope_axes_dim(128), **WAN_LAYOUT),
 }
 
 

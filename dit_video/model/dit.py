@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .attention import PackedMask
@@ -53,8 +54,12 @@ class DiT(nn.Module):
                 for i in range(cfg.depth)
             )
         else:
-            self.blocks = nn.ModuleList(DiTBlock(*args, adaln_single=single) for _ in range(cfg.depth))
-        self.final_layer = FinalLayer(D, cfg.out_dim * math.prod(cfg.patch_size), cfg.norm_eps)
+            self.blocks = nn.ModuleList(
+                DiTBlock(*args, adaln_single=single, qk_norm_across_heads=cfg.qk_norm_across_heads,
+                         cross_attn_norm=cfg.cross_attn_norm)
+                for _ in range(cfg.depth)
+            )
+        self.final_layer = FinalLayer(D, cfg.out_dim * math.prod(cfg.patch_size), cfg.norm_eps, cfg.final_modulation)
         self.initialize_weights()
 
     @torch.no_grad()
@@ -101,8 +106,11 @@ class DiT(nn.Module):
                     if isinstance(adaln, AdaLN):
                         adaln.zero_()
         # ... and the final layer outputs exactly zero.
-        nn.init.zeros_(self.final_layer.adaLN_modulation[1].weight)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[1].bias)
+        if self.cfg.final_modulation == "table":
+            nn.init.zeros_(self.final_layer.modulation)
+        else:
+            nn.init.zeros_(self.final_layer.adaLN_modulation[1].weight)
+            nn.init.zeros_(self.final_layer.adaLN_modulation[1].bias)
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
 
@@ -146,6 +154,8 @@ class DiT(nn.Module):
         if pooled is not None and t.dim() == 1:
             c = c + self.pooled_proj(pooled.to(c.dtype))  # [B, D]
         cond = self.block_cond(c)  # [B, 6, D] (adaLN-single) or [B, D] (adaLN-Zero)
+        if cfg.text_len:
+            text_emb, text_mask = self.pad_text(text_emb, text_mask)  # [B, text_len, Dt], None
         text = self.text_proj(text_emb)  # [B, L, D]
 
         # 3. blocks
@@ -176,6 +186,17 @@ class DiT(nn.Module):
         if pooled is not None:
             c = c + self.pooled_proj(pooled.to(c.dtype))[:, None]  # [B, T', D]
         return c.repeat_interleave(grid[1] * grid[2], dim=1)  # [B, N, D]
+
+    def pad_text(self, text_emb: torch.Tensor, text_mask: torch.Tensor | None) -> tuple[torch.Tensor, None]:
+        """cfg.text_len > 0 (Wan): text_emb [B, L, Dt] with its padding zeroed, zero-padded to [B, text_len, Dt],
+        and no mask: the model attends to every position, as Wan's weights were trained to."""
+        L, n = text_emb.shape[1], self.cfg.text_len
+        if L > n:
+            raise ValueError(f"DiT got {L} text tokens but model.text_len={n}: truncate captions to text_len tokens "
+                             "(text_encoder.max_length) or raise model.text_len")
+        if text_mask is not None:
+            text_emb = torch.where(text_mask[..., None], text_emb, 0.0)  # [B, L, Dt]
+        return F.pad(text_emb, (0, 0, 0, n - L)), None  # [B, text_len, Dt]
 
     def block_cond(self, c: torch.Tensor) -> torch.Tensor:
         """What every block's adaLN reads: c [B, D] (or [B, N, D]) -> the shared adaLN-single terms
@@ -229,6 +250,8 @@ class DiT(nn.Module):
         if pooled is not None:
             c = c + self.pooled_proj(pooled.to(c.dtype))  # [B, D]
         cond = self.block_cond(c)  # [B, 6, D] (adaLN-single) or [B, D] (adaLN-Zero)
+        if cfg.text_len:
+            text_emb, text_mask = self.pad_text(text_emb, text_mask)  # [B, text_len, Dt], None
         text = self.text_proj(text_emb)  # [B, L, D]
         if text_mask is None:
             text_mask = torch.ones(text.shape[:2], dtype=torch.bool, device=text.device)  # [B, L]

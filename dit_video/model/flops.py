@@ -70,10 +70,12 @@ def dit_flops(cfg: DiTConfig, latent_shape: tuple[int, int, int], text_len: int)
     """Per-sample FLOPs of DiT(cfg) on latents of size (T, H, W) with `text_len` (padded) text tokens.
 
     Cross-attention (and MMDiT's joint attention) is counted over all `text_len` positions, padded
-    or not: the kernels compute masked scores too. Absolute position embeddings are adds, not matmuls.
+    or not: the kernels compute masked scores too. A model with cfg.text_len > 0 (Wan) pads every
+    caption to cfg.text_len tokens, which then replaces `text_len`. Absolute position embeddings and
+    Wan's final modulation table are adds, not matmuls.
     """
     N = math.prod(cfg.grid(latent_shape))  # video tokens
-    L = text_len
+    L = cfg.text_len or text_len
     D = cfg.hidden_size
     F = int(D * cfg.mlp_ratio)
     fc = FlopCount()
@@ -114,7 +116,8 @@ def dit_flops(cfg: DiTConfig, latent_shape: tuple[int, int, int], text_len: int)
             fc.add("joint_attention_scores", attention_flops(N + L, N + L, D))
             add_adaln_zero(3)
     # 3. final layer: adaLN (per sample) and the projection to patch values
-    fc.add("final_adaln", linear_flops(1, D, 2 * D))
+    if cfg.final_modulation == "linear":
+        fc.add("final_adaln", linear_flops(1, D, 2 * D))
     fc.add("final_linear", linear_flops(N, D, cfg.out_dim * math.prod(cfg.patch_size)))
     return fc
 
@@ -132,7 +135,7 @@ def _main() -> None:
 
     latent_shape, text_len = (9, 32, 32), 226  # dit_256: 33 frames at 256^2 through a 4x8x8 VAE, T5 text
     print(f"latents {latent_shape}, {text_len} text tokens, text_dim 4096, 16 latent channels")
-    print(f"{'preset':>7} {'params':>9} {'tokens':>7} {'fwd GFLOP':>10} {'train GFLOP':>12} {'attn %':>7} {'6NT/exact':>10}")
+    print(f"{'preset':>15} {'params':>9} {'tokens':>7} {'fwd GFLOP':>10} {'train GFLOP':>12} {'attn %':>7} {'6NT/exact':>10}")
     # Every preset, then the 1B preset in the conditioning variants (docs/models.md, "Model variants").
     rows = [(name, DIT_PRESETS[name]) for name in DIT_PRESETS] + [
         ("1B zero", {**DIT_PRESETS["1B"], "modulation": "adaln_zero"}),
@@ -145,7 +148,7 @@ def _main() -> None:
         fc = dit_flops(cfg, latent_shape, text_len)
         tokens = math.prod(cfg.grid(latent_shape))
         print(
-            f"{name:>7} {n_params / 1e6:8.1f}M {tokens:7d} {fc.forward / 1e9:10.1f} {fc.training / 1e9:12.1f} "
+            f"{name:>15} {n_params / 1e6:8.1f}M {tokens:7d} {fc.forward / 1e9:10.1f} {fc.training / 1e9:12.1f} "
             f"{100 * fc.attention / fc.forward:6.1f}% {naive_training_flops(cfg, n_params, latent_shape) / fc.training:10.2f}"
         )
 
