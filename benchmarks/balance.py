@@ -18,7 +18,7 @@ The manifest (--clips samples, fixed by --seed), a long-tailed mix like open vid
 clips, a share of portrait phone video, images for joint training):
   images 10%, videos 90%
   video duration  lognormal, median 6 s, sigma 1.0 (log space), clipped to [0.3, 300] s
-                  (mean ~10 s; ~20% shorter than 2.5 s, ~7% longer than 30 s)
+                  (mean ~10 s; ~19% shorter than 2.5 s, ~5% longer than 30 s)
   video fps       24 (35%), 25 (20%), 30 (40%), 60 (5%)
   video aspect    16:9 (60%), 9:16 (15%), 4:3 (10%), 1:1 (7%), 21:9 (5%), 3:4 (3%)
   video short side 2160 (5%), 1080 (35%), 720 (30%), 480 (18%), 360 (12%) pixels

@@ -96,7 +96,6 @@ class CostModel:
         return self._cache[shape]
 
 
-
 ClipCosts = Callable[[int, int, int], ClipCost]  # (num_frames, height, width) -> ClipCost, e.g. a CostModel
 
 
@@ -164,10 +163,14 @@ def _step_classes(step_of: np.ndarray, klass: np.ndarray, num_steps: int, world_
     steps, classes = pairs // num_classes, pairs % num_classes
     quota = np.bincount(klass, minlength=num_classes) // world_size  # [K] full steps per class
     step_class = np.full(num_steps, -1, dtype=np.int64)
+    unassigned = int(quota.sum())
     for j in np.lexsort((steps, -count)).tolist():
+        if unassigned == 0:
+            break
         if step_class[steps[j]] < 0 and quota[classes[j]] > 0:
             step_class[steps[j]] = classes[j]
             quota[classes[j]] -= 1
+            unassigned -= 1
     rest = np.repeat(np.arange(num_classes), quota)  # quota no step with the class's units took
     step_class[np.flatnonzero(step_class < 0)[:len(rest)]] = rest
     return step_class
@@ -193,14 +196,20 @@ def balanced_order(flops: np.ndarray, world_size: int, tolerance: float = COST_T
     stay = step_class[units // W] == klass  # [n] already in a step of its class: keeps (step, rank)
     out[units[stay] // W, units[stay] % W] = units[stay]
     in_mixed = step_class[units // W] < 0  # [n]
+    num_classes = int(klass.max()) + 1
+    by_class = np.argsort(klass, kind="stable")  # [n] units grouped by class, in epoch order within one
+    class_start = np.searchsorted(klass[by_class], np.arange(num_classes + 1))  # [K + 1]
+    free = np.flatnonzero(out.reshape(-1) < 0)  # flat (step, rank) slots left, in order
+    free = free[np.argsort(step_class[free // W], kind="stable")]  # grouped by their step's class (-1 first)
+    free_start = np.searchsorted(step_class[free // W], np.arange(num_classes + 1))  # [K + 1]
     leftovers = []
-    for k in range(int(klass.max()) + 1):
-        pool = units[(klass == k) & ~stay]  # [p] in epoch order
-        free = np.flatnonzero((out < 0) & (step_class == k)[:, None])  # flat (step, rank) slots in order
+    for k in range(num_classes):
+        members = by_class[class_start[k]:class_start[k + 1]]
+        pool = members[~stay[members]]  # [p] class k's units not yet placed, in epoch order
+        slots = free[free_start[k]:free_start[k + 1]]  # [f] free slots of class k's steps, f <= p
         # the n_k mod W units for the mixed steps: those already in one (they may keep their place), then the last
-        spare = np.concatenate([pool[in_mixed[pool]], pool[~in_mixed[pool]][::-1]])[:len(pool) - len(free)]
-        fill = np.setdiff1d(pool, spare)  # [len(free)] sorted: epoch order
-        out.reshape(-1)[free] = fill
+        spare = np.concatenate([pool[in_mixed[pool]], pool[~in_mixed[pool]][::-1]])[:len(pool) - len(slots)]
+        out.reshape(-1)[slots] = np.setdiff1d(pool, spare)  # [f] sorted: epoch order
         leftovers.append(spare)
     mixed = np.flatnonzero(step_class < 0)  # [M]
     if len(mixed):
