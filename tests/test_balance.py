@@ -13,8 +13,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 from test_buckets import write_mixed_shard
+from tiny_run import ROOT, TINY_DIT, compose_train, tiny_run
 
+from dit_video.build import build_dit_config
 from dit_video.data.balance import (
     ClipCost,
     CostModel,
@@ -32,6 +35,8 @@ from dit_video.data.packing import pack_epoch, pack_epoch_decreasing
 from dit_video.eval.throughput import Throughput, ThroughputConfig, throughput_markdown, throughput_summary
 from dit_video.model.config import DiTConfig
 from dit_video.model.flops import dit_flops
+from dit_video.preflight import main as preflight_main
+from dit_video.run import train
 
 TINY = DiTConfig(in_channels=4, text_dim=8, hidden_size=32, depth=2, num_heads=2, patch_size=(1, 2, 2))
 TEXT_LEN = 7
@@ -306,10 +311,6 @@ def test_training_logs_the_planned_pad_fraction_end_to_end(tmp_path_factory, tmp
     """train.py with packing: run.py gives the loader the DiT's clip costs, each batch carries its
     step's plan figures, Throughput logs them and evaluate's summary reads them back. Demo clips
     are 80 tokens: three fill 240 of a 250-token pack."""
-    from tiny_run import TINY_DIT, compose_train, tiny_run
-
-    from dit_video.run import train
-
     world = tiny_run(tmp_path_factory)
     train(compose_train("+experiment=demo", f"data.shards={world['shards']}/train-*.tar", "data.val_shards=null",
                         "data.num_workers=0", "num_threads=1", *TINY_DIT, f"vae.path={world['vae']}",
@@ -325,3 +326,15 @@ def test_clip_cost_is_a_frozen_record():
     assert cost.flops == 3.0
     with pytest.raises(AttributeError):
         cost.tokens = 3  # the loader's workers share the table: it must not change under them
+
+
+def test_preflight_prints_the_clip_costs_balance_plans_with(capsys):
+    preflight_main(["+experiment=dit_256", "data=webvid_256_buckets", "--bucket", "33x256x256"])
+    out = capsys.readouterr().out.split("clip cost")[1]
+    dit_1b = build_dit_config(OmegaConf.load(ROOT / "conf" / "model" / "dit_1b.yaml"), 16, 4096)
+    c = CostModel(dit_1b, latent_shape, 226)(33, 256, 256)  # dit_256: 16 latent channels, T5-XXL (226 tokens)
+    assert f"33x256x256: 2304 tokens, linear {c.linear / 1e12:.2f} + attention {c.attention / 1e12:.2f}" in out
+    rows = [line.split() for line in out.splitlines() if line.startswith("    ")]
+    assert len(rows) == 7  # one per bucket of webvid_256_buckets
+    ratio = {row[0]: float(row[-1].rstrip("x")) for row in rows}
+    assert ratio["1x256x256"] > 3 * ratio["33x256x256"]  # 132 images hold 3.7x the tokens of 4 clips
