@@ -9,9 +9,9 @@ is all the plan reads) at world sizes 8, 64 and 512, in two settings:
 each with bucket batches and with token-budget packs (data.packing; max_tokens: the dit_256 bucket
 batch, 4 x 2304 tokens, and two of the longest 720p clips, 2 x 111600: with room for one, the many
 81-frame clips (75600 tokens) leave more room than the set's short clips can fill, >= 6% empty for
-any packer). Model: conf/model/dit_1b.yaml
-with 16 latent channels, a 4096-d text encoder with 226 tokens (T5-XXL), a causal 4x8x8 VAE and
-(1, 2, 2) patches; clip costs are its training FLOPs (dit_video.data.balance.CostModel).
+any packer). Model: conf/model/dit_1b.yaml with 16 latent channels, a 4096-d text encoder with 226
+tokens (T5-XXL), a causal 4x8x8 VAE and (1, 2, 2) patches; clip costs are its training FLOPs
+(dit_video.data.balance.CostModel).
 
 The manifest (--clips samples, fixed by --seed), a long-tailed mix like open video sets
 (WebVid, Panda-70M, OpenVid, InternVid: mostly 16:9 clips of a few seconds, a long tail of long
