@@ -32,6 +32,7 @@ from dit_video.data.buckets import make_buckets
 from dit_video.data.config import VideoDataConfig
 from dit_video.data.datamodule import VideoDataModule
 from dit_video.data.packing import pack_epoch, pack_epoch_decreasing
+from dit_video.eval.evaluate import markdown_report
 from dit_video.eval.throughput import Throughput, ThroughputConfig, throughput_markdown, throughput_summary
 from dit_video.model.config import DiTConfig
 from dit_video.model.flops import dit_flops
@@ -278,6 +279,22 @@ def test_balance_without_clip_costs_is_a_clear_error_only_where_it_matters(mixed
         _ranks(_module(mixed_shards, cost=False), 2, steps=1)
 
 
+def test_turning_balance_off_mid_epoch_starts_the_next_epoch(mixed_shards, caplog):
+    """order.py cannot continue an epoch read in balanced steps: the loader says so and starts the next."""
+    module = _module(mixed_shards, balance=False)
+    module.load_state_dict({"version": 1, "epoch": 0, "batches_into_epoch": 4, "segments": [[2, 2]], "seed": 5,
+                            "world_size": 2, "fingerprint": None})
+    batch = _consume(module, 1)[0]
+    assert batch["position"] == (1, 1) and "starting epoch 1 from its beginning" in caplog.text
+
+
+def test_balance_and_packing_fit_config_errors_name_the_field(mixed_shards):
+    with pytest.raises(ValueError, match="data.packing.fit: must be one of"):
+        VideoDataConfig(packing={"enabled": True, "fit": "best"}).packing.validate()
+    with pytest.raises(ValueError, match="data.balance: must be true or false"):
+        VideoDataConfig(val_shards=None, shards=str(mixed_shards / "mixed-*.tar"), balance="yes").validate()
+
+
 # -- throughput logging and the report ------------------------------------------------------------
 def test_throughput_logs_the_plans_rank_imbalance_and_pad_fraction():
     callback = Throughput(ThroughputConfig(log_every_n_steps=2))
@@ -305,6 +322,14 @@ def test_throughput_summary_reads_the_run_metrics(tmp_path):
     markdown = "\n".join(throughput_markdown(summary))
     assert "| rank imbalance (max rank cost / mean - 1) | 0.3 | 0.4 | 2 |" in markdown
     assert throughput_summary(tmp_path / "missing.csv") == {} and throughput_markdown({}) == []
+
+
+def test_evaluate_report_shows_the_training_throughput():
+    report = {"checkpoint": "run/checkpoints/last.ckpt", "num_samples": 1, "results": {"ema": {}}, "skipped": {},
+              "sampling": {"sampler": "euler", "steps": 2, "cfg": 4.0, "shift": 1.0},
+              "throughput": {"perf/pad_fraction": {"mean": 0.04, "last": 0.04, "count": 2}}}
+    markdown = markdown_report(report)
+    assert "Training throughput" in markdown and "| pad fraction (batch slots without a clip) | 0.04 | 0.04 | 2 |" in markdown
 
 
 def test_training_logs_the_planned_pad_fraction_end_to_end(tmp_path_factory, tmp_path):
