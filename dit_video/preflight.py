@@ -53,6 +53,8 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from dit_video.build import build_dit_config
+from dit_video.data.balance import CostModel
+from dit_video.data.buckets import make_buckets
 from dit_video.encoders.causal_vae import CausalVAE, CausalVAEConfig
 from dit_video.encoders.text import detect_kind, model_class
 from dit_video.model import DiT
@@ -312,6 +314,27 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"  {label:<17} " + " ".join(f"{v / GiB:7.2f}" for v in (
                     m.params, m.grads, m.optimizer, m.ema, m.buckets, m.frozen, m.activations, m.autocast_cache,
                     m.vae_encode, m.total)))
+
+    print_clip_costs(cfg, dit_cfg, text_len, tf, sf, buckets)
+
+
+def print_clip_costs(cfg, dit_cfg, text_len: int, tf: int, sf: int, shapes: list[tuple[int, int, int]]) -> None:
+    """The cost model data.balance plans with (dit_video/data/balance.py): per clip shape, linear and
+    attention training FLOPs; per bucket of data.buckets, a batch's cost against the others'."""
+    cost = CostModel(dit_cfg, lambda t, h, w: (1 + (t - 1) // tf, h // sf, w // sf), text_len)
+    print("\nclip cost (data.balance plans with it): TFLOP per training sample")
+    for frames, height, width in shapes:
+        c = cost(frames, height, width)
+        print(f"  {frames}x{height}x{width}: {c.tokens} tokens, linear {c.linear / 1e12:.2f} + attention "
+              f"{c.attention / 1e12:.2f} = {c.flops / 1e12:.2f}")
+    if cfg.data.get("buckets"):
+        buckets = make_buckets(OmegaConf.to_container(cfg.data.buckets, resolve=True), cfg.data.get("bucket_budget"))
+        batch = [b.batch_size * cost(b.num_frames, b.height, b.width).flops for b in buckets]
+        print(f"  data.buckets: a batch's cost and its ratio to the mean (steps that mix them leave ranks idle; "
+              f"data.balance={cfg.data.get('balance', True)}: true groups batches of like cost)")
+        for b, flops in zip(buckets, batch, strict=True):
+            print(f"    {b.num_frames}x{b.height}x{b.width} x{b.batch_size}: {flops / 1e12:.1f} TFLOP, "
+                  f"{flops / (sum(batch) / len(batch)):.2f}x")
 
 
 if __name__ == "__main__":

@@ -52,6 +52,7 @@ from dit_video.checkpoint.paths import resolve_ckpt_path
 from dit_video.checkpoint.resume import with_loader_state
 from dit_video.checkpoint.save import SafeCheckpointIO, StepCheckpoint
 from dit_video.checkpoint.strategy import SafeModelParallelStrategy
+from dit_video.data.balance import CostModel
 from dit_video.encoders.causal_vae import (
     CausalVAE,
     VAELoss,
@@ -322,6 +323,8 @@ def train_dit(cfg: DictConfig, run_dir: Path) -> None:
         raise ConfigError(str(err)) from None
     if data_cfg.kind == "clips" and data_cfg.packing.enabled:  # token-budget packs count each bucket's DiT tokens
         datamodule.tokens_per_clip = lambda t, h, w: math.prod(dit_cfg.grid(vae.latent_shape(t, h, w)))
+    if data_cfg.kind == "clips":  # each clip's DiT FLOPs: data.balance and the per-step rank_imbalance log
+        datamodule.clip_cost = CostModel(dit_cfg, vae.latent_shape, int(getattr(text_encoder, "max_length", 0) or 0))
     optim = dataclass_from(OptimConfig, cfg.optim, "optim")
     optim.validate()
     meta = run_metadata(cfg) | {

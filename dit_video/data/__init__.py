@@ -6,6 +6,7 @@
   order.py      the exact, resumable sample order: f(seed, epoch, world size, rank, worker)
   buckets.py    (num_frames, H, W) buckets with batch sizes from a voxel budget
   packing.py    token-budget packed batches of clips of any bucket (data.packing; DiT.forward_packed)
+  balance.py    clip costs (DiT FLOPs) and steps of like-cost batches across ranks (data.balance)
   decode.py     decode_clip (decord / PyAV), decode_image, decode_frames, resize_crop, TimedCall
   config.py     VideoDataConfig, resolve_shards (shard specs -> local files; URLs refused)
   samples.py    one sample's members -> caption, metadata, per-key seed; collate_clips

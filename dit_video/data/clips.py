@@ -14,12 +14,13 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from dit_video.data.balance import ClipCost
 from dit_video.data.buckets import Bucket, assign_bucket
 from dit_video.data.config import CROP_MODES, resolve_shards
 from dit_video.data.dataset import PlannedShardDataset
 from dit_video.data.decode import BACKENDS, TimedCall, decode_clip, decode_image, resize_crop
 from dit_video.data.index import MemberReader, ShardIndex, build_index
-from dit_video.data.packing import collate_packed, pack_epoch
+from dit_video.data.packing import collate_packed, pack_epoch, pack_epoch_decreasing
 from dit_video.data.samples import collate_clips, image_ext_of, read_caption, read_meta, size_of, video_ext_of
 from dit_video.errors import SampleError
 
@@ -40,8 +41,9 @@ class VideoShardDataset(PlannedShardDataset):
                  shuffle_buffer: int = 0, seed: int = 0, infinite: bool = True, batch_size: int = 1,
                  buckets: Sequence[Bucket] | None = None, decode_timeout: float | None = None,
                  batched: bool = False, rank: int | None = None, world_size: int | None = None,
-                 start: tuple[int, int] = (0, 0), index: ShardIndex | None = None, image_ratio: float = 0.0,
-                 image_batch_size: int | None = None):
+                 start: tuple = (0, 0), index: ShardIndex | None = None, image_ratio: float = 0.0,
+                 image_batch_size: int | None = None, balance: bool = False,
+                 costs: dict[tuple[int, int, int], ClipCost] | None = None):
         urls = resolve_shards(shards)
         if not urls:
             raise ValueError(f"shards: no files match {shards!r}")
@@ -59,7 +61,7 @@ class VideoShardDataset(PlannedShardDataset):
         bucket_of = self._assign(index, buckets, fps) if len(buckets) > 1 else np.zeros(len(index), np.int64)
         super().__init__(index, bucket_of, buckets, seed=seed, infinite=infinite, shuffle=shuffle_buffer > 0,
                          batched=batched, rank=rank, world_size=world_size, start=start, image_ratio=image_ratio,
-                         image_batch_size=image_batch_size)
+                         image_batch_size=image_batch_size, balance=balance, costs=costs)
 
     @staticmethod
     def _assign(index: ShardIndex, buckets: Sequence[Bucket], fps: float | None) -> np.ndarray:
@@ -108,14 +110,17 @@ class PackedVideoShardDataset(VideoShardDataset):
     same reading, replacement and resume as VideoShardDataset; only the plan and the collate differ.
 
     tokens[b]: DiT tokens of a clip of bucket b (packing.bucket_tokens). Each clip is read at its
-    own bucket's shape; a batch's "clip" is a list of uint8 [T_i, H_i, W_i, 3].
+    own bucket's shape; a batch's "clip" is a list of uint8 [T_i, H_i, W_i, 3]. fit: "first"
+    (pack_epoch) or "decreasing" (pack_epoch_decreasing).
     """
 
-    def __init__(self, *args, tokens: Sequence[int], max_tokens: int, open_packs: int, **kwargs):
+    def __init__(self, *args, tokens: Sequence[int], max_tokens: int, open_packs: int, fit: str = "decreasing", **kwargs):
         super().__init__(*args, **kwargs)
-        self.tokens, self.max_tokens, self.open_packs = list(tokens), int(max_tokens), int(open_packs)
+        self.tokens, self.max_tokens, self.open_packs, self.fit = list(tokens), int(max_tokens), int(open_packs), fit
 
     def epoch_plan(self, epoch: int) -> list[np.ndarray]:
+        if self.fit == "decreasing":
+            return pack_epoch_decreasing(self.bucket_of, self.tokens, self.max_tokens, self.seed, epoch)
         return pack_epoch(self.bucket_of, self.tokens, self.max_tokens, self.open_packs, self.seed, epoch)
 
     def epoch_plan_shapes(self, epoch: int) -> tuple[list[np.ndarray], list[None]]:

@@ -65,7 +65,8 @@ class VideoDataConfig:
     decode_timeout: float | None = 30.0  # seconds; a sample whose decode takes longer is skipped (decode_timeout)
     image_ratio: float = 0.0  # joint image+video training: fraction of training batches that are images (one frame per clip)
     image_batch_size: int | None = None  # images per image batch (more than batch_size keeps tokens per batch ~ constant); None = batch_size
-    packing: PackingConfig | dict | None = None  # token-budget packed training batches {enabled, max_tokens, open_packs} (data/packing.py); None = off
+    packing: PackingConfig | dict | None = None  # token-budget packed training batches {enabled, max_tokens, open_packs, fit} (data/packing.py); None = off
+    balance: bool = True  # group batches of about the same DiT cost into each step, so no rank waits for another (data/balance.py); same order with one bucket or one process
 
     def __post_init__(self):
         # Hydra hands over ListConfig / lists from YAML: normalise them to plain Python types.
@@ -81,9 +82,9 @@ class VideoDataConfig:
             self.buckets = [dict(b) for b in self.buckets]
         if not isinstance(self.packing, PackingConfig):
             packing = dict(self.packing or {})
-            unknown = set(packing) - {"enabled", "max_tokens", "open_packs"}
+            unknown = set(packing) - {"enabled", "max_tokens", "open_packs", "fit"}
             if unknown:
-                raise ValueError(f"data.packing: unknown field(s) {sorted(unknown)}; use enabled, max_tokens, open_packs")
+                raise ValueError(f"data.packing: unknown field(s) {sorted(unknown)}; use enabled, max_tokens, open_packs, fit")
             self.packing = PackingConfig(**packing)
 
     def bucket_table(self) -> list[Bucket]:
@@ -135,6 +136,8 @@ class VideoDataConfig:
             raise ValueError(f"data.image_ratio: must be in [0, 1) (0 = videos only), got {self.image_ratio!r}")
         if self.image_batch_size is not None and not (isinstance(self.image_batch_size, int) and self.image_batch_size >= 1):
             raise ValueError(f"data.image_batch_size: must be an integer >= 1 or null (= batch_size), got {self.image_batch_size!r}")
+        if not isinstance(self.balance, bool):
+            raise ValueError(f"data.balance: must be true or false, got {self.balance!r}")
         self.packing.validate()
         if self.packing.enabled and self.image_ratio > 0:
             raise ValueError("data.packing.enabled packs 1-frame buckets with clips already; set data.image_ratio=0")

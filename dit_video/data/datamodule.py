@@ -16,6 +16,8 @@ import torch
 from lightning.pytorch.strategies import ParallelStrategy
 from torch.utils.data import DataLoader, IterableDataset
 
+from dit_video.data.balance import ClipCosts, cost_table, loader_position
+from dit_video.data.buckets import image_buckets
 from dit_video.data.clips import PackedVideoShardDataset, VideoShardDataset
 from dit_video.data.config import VideoDataConfig, resolve_shards
 from dit_video.data.dataset import dist_info
@@ -46,7 +48,7 @@ class ResumableDataModule(L.LightningDataModule):
         return int(self.cfg.seed)
 
     def state_dict(self) -> dict:
-        return {
+        state = {
             "version": self.STATE_VERSION,
             "epoch": int(self._position[0]),
             "batches_into_epoch": int(self._position[1]),
@@ -54,16 +56,19 @@ class ResumableDataModule(L.LightningDataModule):
             "world_size": int(self.train_world_size),
             "fingerprint": self._fingerprint,
         }
+        if len(self._position) > 2:  # balanced steps: the epoch's world-size history (balance.segment_order)
+            state["segments"] = [list(segment) for segment in self._position[2]]
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("version") != self.STATE_VERSION:
             raise ValueError(f"data loader state version {state.get('version')!r} is not {self.STATE_VERSION}")
         self._restored = dict(state)
-        self._position = (int(state["epoch"]), int(state["batches_into_epoch"]))
+        self._position = loader_position((state["epoch"], state["batches_into_epoch"], state.get("segments", ())))
 
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
         if isinstance(batch, dict) and batch.get("position") is not None:
-            self._position = tuple(int(p) for p in batch["position"])  # consumed, not just prefetched
+            self._position = loader_position(batch["position"])  # consumed, not just prefetched
         return batch
 
     def _rank_world(self) -> tuple[int, int]:
@@ -78,7 +83,7 @@ class ResumableDataModule(L.LightningDataModule):
             return int(trainer.global_rank), int(trainer.world_size)
         return dist_info()
 
-    def _start(self, fingerprint: str, seed: int) -> tuple[int, int]:
+    def _start(self, fingerprint: str, seed: int) -> tuple:
         """Where training enters the order, after checking a restored state fits this data."""
         self._fingerprint = fingerprint
         if self._restored is None:
@@ -112,6 +117,9 @@ class VideoDataModule(ResumableDataModule):
         # (num_frames, height, width) -> DiT tokens of a clip; set by the run from its VAE and DiT
         # (run.py), read only by data.packing.
         self.tokens_per_clip: TokensPerClip | None = None
+        # (num_frames, height, width) -> balance.ClipCost (the DiT's FLOPs); set by the run (run.py),
+        # read by data.balance and for the planned per-step rank_imbalance / pad_fraction.
+        self.clip_cost: ClipCosts | None = None
 
     def setup(self, stage: str | None = None) -> None:
         self.cfg.validate()  # here, not in __init__: composing a config must not need the data
@@ -131,7 +139,7 @@ class VideoDataModule(ResumableDataModule):
             shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed, infinite=True, batch_size=cfg.batch_size,
             buckets=cfg.bucket_table(), decode_timeout=cfg.decode_timeout, batched=True, rank=rank,
             world_size=world, start=start, index=index, image_ratio=cfg.image_ratio,
-            image_batch_size=cfg.image_batch_size,
+            image_batch_size=cfg.image_batch_size, balance=cfg.balance, costs=self._costs(cfg),
         )
 
     def _packed_train_dataset(self, urls, index, start, rank, world) -> PackedVideoShardDataset:
@@ -147,8 +155,16 @@ class VideoDataModule(ResumableDataModule):
             infinite=True, buckets=buckets, decode_timeout=cfg.decode_timeout, batched=True, rank=rank,
             world_size=world, start=start, index=index,
             tokens=bucket_tokens(buckets, self.tokens_per_clip, cfg.packing.max_tokens),
-            max_tokens=cfg.packing.max_tokens, open_packs=cfg.packing.open_packs,
+            max_tokens=cfg.packing.max_tokens, open_packs=cfg.packing.open_packs, fit=cfg.packing.fit,
+            balance=cfg.balance, costs=self._costs(cfg),
         )
+
+    def _costs(self, cfg: VideoDataConfig) -> dict | None:
+        """ClipCost of every shape a training batch can have (buckets and image buckets), or None."""
+        if self.clip_cost is None:
+            return None
+        buckets = cfg.bucket_table()
+        return cost_table(self.clip_cost, buckets + image_buckets(buckets, cfg.image_batch_size))
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_dataset(), self.cfg.num_workers)

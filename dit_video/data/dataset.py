@@ -21,16 +21,22 @@ Packed batches (data.packing.enabled, for DiT.forward_packed): the global batche
 packs of clips of any bucket instead (data/packing.py: pack_epoch, also a pure f(seed, epoch));
 PackedVideoShardDataset reads each clip at its own bucket's shape and `clip` is a list.
 
+Balanced steps (data.balance, on by default; data/balance.py): the global batches of an epoch are
+grouped into steps of about the same DiT cost, so no rank waits for another at the all-reduce; with
+one bucket or one process the order is order.py's unchanged. Every training batch carries its
+step's planned `rank_imbalance` and `pad_fraction` when the run gave the loader its clip costs.
+
 Exact resume (the loader state, for checkpoints; see order.py for the derivation):
     VideoDataModule.state_dict() -> {"epoch": int, "batches_into_epoch": int, "seed": int,
-                                     "world_size": int, "fingerprint": str}
-  `batches_into_epoch` counts global batches (over all ranks) consumed so far in `epoch`.
+                                     "world_size": int, "fingerprint": str[, "segments": [[W, steps], ...]]}
+  `batches_into_epoch` counts global batches (over all ranks) consumed so far in `epoch`;
+  `segments` (balanced steps only) is the epoch's history of world sizes (balance.segment_order).
   Lightning stores it in checkpoints under "VideoDataModule" and calls load_state_dict() before
   building the loaders; other trainers call the two methods themselves. Guarantees:
   * same world size, any num_workers: the resumed run yields exactly the batches (keys, frames,
     crops) the uninterrupted run would have yielded from that step on;
-  * another world size: the epoch continues at the same global batch, so no sample of the
-    epoch is repeated or dropped, except that each epoch ends with the last
+  * another world size: the epoch continues with the batches not read yet (order.py: from the
+    same global batch; balanced: the rest re-planned), so no sample of the epoch is repeated or dropped, except that each epoch ends with the last
     (remaining mod world size) batches skipped so all ranks make the same number of steps;
   * `fingerprint` hashes the shard names and keys: resuming on other data logs a warning and
     starts the next epoch from its beginning (the old position means nothing there).
@@ -64,6 +70,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from dit_video.data.balance import ClipCost, loader_position, read_epoch
 from dit_video.data.buckets import Bucket, image_buckets
 from dit_video.data.index import MemberReader, ShardIndex
 from dit_video.data.order import epoch_batches, eval_steps, mix_image_batches, steps_per_rank, train_steps
@@ -122,17 +129,19 @@ class PlannedShardDataset(IterableDataset):
     """Samples of an indexed shard set in the order of order.py; subclasses say how one sample's
     members become an item (`load`) and how items become a batch (`collate`).
 
-    infinite=True (training): epoch after epoch from `start` = (epoch, batches_into_epoch),
-    bad samples replaced from their bucket. infinite=False (validation): one pass over the index
-    in order, split across ranks and workers; every pass is identical.
+    infinite=True (training): epoch after epoch from `start` = (epoch, batches_into_epoch[, segments]),
+    bad samples replaced from their bucket; balance=True puts global batches of about the same cost
+    (`costs`: balance.cost_table) in each step (data/balance.py). infinite=False (validation): one
+    pass over the index in order, split across ranks and workers; every pass is identical.
     batched=True yields collated batches (use DataLoader(batch_size=None)); batched=False yields
     the items of those batches one by one (for a DataLoader that batches itself).
     """
 
     def __init__(self, index: ShardIndex, bucket_of: np.ndarray, buckets: Sequence[Bucket], *, seed: int,
                  infinite: bool, shuffle: bool, batched: bool, rank: int | None = None,
-                 world_size: int | None = None, start: tuple[int, int] = (0, 0), image_ratio: float = 0.0,
-                 image_batch_size: int | None = None):
+                 world_size: int | None = None, start: tuple = (0, 0), image_ratio: float = 0.0,
+                 image_batch_size: int | None = None, balance: bool = False,
+                 costs: dict[tuple[int, int, int], ClipCost] | None = None):
         super().__init__()
         self.index, self.buckets = index, list(buckets)
         # Joint image+video training (infinite only): image batches read one frame of each clip.
@@ -145,7 +154,12 @@ class PlannedShardDataset(IterableDataset):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
         self.rank, self.world_size = rank, world_size
-        self.start = (int(start[0]), int(start[1]))
+        self.start = loader_position(start)
+        self.balance, self.costs = bool(balance), costs
+        if len(self.start) > 2 and not self.balance:  # order.py cannot continue a balanced epoch
+            logger.warning("data.balance is off but the loader state was saved mid-epoch with it on: "
+                           "starting epoch %d from its beginning", self.start[0] + 1)
+            self.start = (self.start[0] + 1, 0)
         self.bucket_members = [np.flatnonzero(self.bucket_of == b) for b in range(len(self.buckets))]
 
     # -- subclass interface ----------------------------------------------------------------
@@ -156,6 +170,7 @@ class PlannedShardDataset(IterableDataset):
         raise NotImplementedError
 
     member_exts: tuple[str, ...] | None = None  # members to read (None = all)
+    max_tokens: int | None = None  # token slots of a pack (packed datasets); bucket batches hold batch_size clips
 
     # -- the order -------------------------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:
@@ -194,35 +209,41 @@ class PlannedShardDataset(IterableDataset):
             skips.pending.update(self.index.skipped_by_reason)
 
     def _train(self, reader: MemberReader, skips: _SkipLog, worker: int, num_workers: int) -> Iterator[dict]:
-        epoch, start = self.start
+        epoch, position = self.start[0], self.start
         steps_before = 0  # steps of this rank in earlier epochs of this iterator (all workers)
         bad: set[int] = set()  # samples this reader found unusable (skipped without re-reading)
         first_pass = True
         while True:
             plan, shapes = self.epoch_plan_shapes(epoch)
-            if steps_per_rank(len(plan), start, self.world_size) == 0:
+            # which unit each index reads: order.py's order, or balanced steps (balance.py)
+            reading = read_epoch(plan, shapes, self.bucket_of, self.buckets, position, self.world_size, self.balance,
+                                 self.costs, self.max_tokens)
+            if steps_per_rank(reading.length, reading.start, self.world_size) == 0:
                 if not any(len(m) for m in self.bucket_members):  # nothing usable at all: fail, do not spin
                     skips.charge(self.index.skipped_by_reason or {"no_bucket": 1}, "no usable sample in the shards")
-                elif start == 0:
+                elif reading.before + reading.start == 0:
                     raise ValueError(
                         f"data: an epoch has {len(plan)} batches, fewer than the {self.world_size} processes "
                         "reading it; use more data or a smaller batch_size"
                     )
-                epoch, start = epoch + 1, 0
+                epoch, position = epoch + 1, (epoch + 1, 0)
                 continue
             if first_pass:
                 self._index_skips(skips, worker)
                 first_pass = False
-            steps = train_steps(len(plan), start, self.world_size, self.rank, num_workers, worker, steps_before)
-            for _, g, after in steps:
+            steps = train_steps(reading.length, reading.start, self.world_size, self.rank, num_workers, worker,
+                                steps_before)
+            for _, index, after in steps:
+                g = reading.unit(index)
                 items = [self._load_slot(reader, skips, int(i), epoch, g, slot, bad, shapes[g])
                          for slot, i in enumerate(plan[g])]
-                nxt = (epoch, after) if steps_per_rank(len(plan), after, self.world_size) > 0 else (epoch + 1, 0)
+                more = steps_per_rank(reading.length, after, self.world_size) > 0
+                nxt = reading.position(epoch, after) if more else (epoch + 1, 0)
                 items[0]["skipped_by_reason"] = skips.take()
                 items[0]["skipped"] = sum(items[0]["skipped_by_reason"].values())
-                yield from self._emit(items, position=nxt)
-            steps_before += steps_per_rank(len(plan), start, self.world_size)
-            epoch, start = epoch + 1, 0
+                yield from self._emit(items, position=nxt, step=reading.step_stats(index, self.rank))
+            steps_before += steps_per_rank(reading.length, reading.start, self.world_size)
+            epoch, position = epoch + 1, (epoch + 1, 0)
 
     def _load_slot(self, reader, skips, index: int, epoch: int, g: int, slot: int, bad: set[int],
                    shape: Bucket | None = None) -> dict:
@@ -272,11 +293,12 @@ class PlannedShardDataset(IterableDataset):
         if held is not None:
             yield _with_skips(held, skips.take())
 
-    def _emit(self, items: list[dict], position) -> Iterator[dict]:
+    def _emit(self, items: list[dict], position, step: dict[str, float] | None = None) -> Iterator[dict]:
         if self.batched:
             batch = self.collate(items)
             if position is not None:
                 batch["position"] = position
+            batch.update(step or {})  # the step's planned rank_imbalance and pad_fraction (balance.py)
             yield batch
         else:
             for item in items:

@@ -17,6 +17,9 @@ whole loader state (`batches_into_epoch`). Resuming with another world size W' c
 same global batch, so no batch of the epoch is repeated or dropped, except the epoch tail:
 the last (remaining mod W) global batches are skipped so that every rank does the same number
 of steps (an uninterrupted run at that world size skips the same ones).
+
+With data.balance (balance.py, on by default) the same global batches are regrouped into steps of
+about the same DiT cost for the run's world size; with one bucket or one process that is this order.
 """
 
 from __future__ import annotations

@@ -29,6 +29,7 @@ from omegaconf.errors import OmegaConfBaseException
 from dit_video.checkpoint.paths import resolve_checkpoint
 from dit_video.data.browse import browse_shards
 from dit_video.errors import CheckpointError, PromptRefused
+from dit_video.eval.throughput import throughput_markdown, throughput_summary
 from dit_video.identity import sample_identity
 from dit_video.media import write_samples
 from dit_video.metrics.clipscore import CLIPScorer
@@ -135,6 +136,7 @@ def evaluate(cfg: EvalConfig) -> dict:
             result["grid"] = written["grid"]
         report["results"][weights] = result
     report["extra"] = dict(cfg.extra)
+    report["throughput"] = throughput_summary(ckpt.resolve().parent.parent / "metrics.csv")  # the run's, if next to it
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
     (out / "report.md").write_text(markdown_report(report))
     report["out"] = str(out)
@@ -168,6 +170,7 @@ def markdown_report(report: dict) -> str:
     if report.get("fvd_reference"):
         ref = report["fvd_reference"]
         lines += ["", f"FVD reference: {ref['num_clips']} clips from `{ref['shards']}` at {ref['size']}px."]
+    lines += throughput_markdown(report.get("throughput", {}))
     if report["skipped"]:
         lines += ["", "Skipped:"] + [f"- {k}: {v}" for k, v in sorted(report["skipped"].items())]
     identity = report.get("identity", {})

@@ -1,7 +1,11 @@
-"""Throughput while training: samples/s, video tokens/s, TFLOP/s per device, MFU and peak memory.
+"""Throughput while training: samples/s, video tokens/s, TFLOP/s per device, MFU, peak memory, and
+how evenly the data plan loads the ranks (perf/rank_imbalance, perf/pad_fraction).
 
 FLOPs come from the DiT's exact count (dit_video.model.flops); the peak is the A100/H100/H200
-dense bf16 datasheet figure, or on CPU a GEMM rate measured at the start of the run.
+dense bf16 datasheet figure, or on CPU a GEMM rate measured at the start of the run. The rank
+balance comes from the loader's plan (data/balance.py): every rank knows every rank's planned
+cost for the step, so rank 0 logs it without a collective. throughput_summary reads these columns
+back from a run's metrics.csv for the evaluate report.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import math
 import resource
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -18,6 +23,7 @@ import torch
 from dit_video.callbacks import log_scalars
 from dit_video.model import DiTConfig
 from dit_video.model.flops import dit_flops
+from dit_video.plots import read_metrics
 
 log = logging.getLogger("dit_video")
 
@@ -67,6 +73,9 @@ class Throughput(L.Callback):
     Step time is wall time between consecutive batch ends (data loading included: what the run
     actually achieves). FLOPs are the DiT's training FLOPs from `dit_flops` (frozen VAE and
     text encoder excluded, recompute excluded), the convention MFU numbers use.
+    perf/rank_imbalance (max over ranks of the step's planned cost / mean - 1) and perf/pad_fraction
+    (token slots of the step's batches without a clip) are the loader's per-step plan figures
+    (batch["rank_imbalance"], batch["pad_fraction"]), averaged over the same steps.
     """
 
     def __init__(self, cfg: ThroughputConfig):
@@ -76,6 +85,7 @@ class Throughput(L.Callback):
         self.last = None
         self.window_time, self.window_samples, self.window_tokens, self.window_flops = 0.0, 0, 0, 0.0
         self._cost: dict[tuple[int, int, int], tuple[int, float]] = {}  # latent shape -> (tokens, FLOPs)
+        self.window_plan: list[tuple[float, float]] = []  # (rank_imbalance, pad_fraction) of each step
 
     def on_fit_start(self, trainer, pl_module) -> None:
         self.dit_cfg = DiTConfig.from_dict(pl_module.meta["dit_config"])
@@ -112,6 +122,8 @@ class Throughput(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         now = time.perf_counter()
+        if "rank_imbalance" in batch:  # the plan's figures are not timings: the first step counts too
+            self.window_plan.append((float(batch["rank_imbalance"]), float(batch["pad_fraction"])))
         if self.last is not None:  # the first step (compile, warm-up) is not timed
             samples, tokens, flops = self.batch_cost(batch, pl_module)
             # ranks of one sequence-parallel group share a batch: count it once per group
@@ -132,9 +144,49 @@ class Throughput(L.Callback):
             "perf/mfu": tflops / self.peak if self.peak > 0 else math.nan,
             **memory_gb(pl_module.device),
         }
+        if self.window_plan:
+            imbalance, pad = (sum(v) / len(self.window_plan) for v in zip(*self.window_plan, strict=True))
+            metrics |= {"perf/rank_imbalance": imbalance, "perf/pad_fraction": pad}
         self.window_time, self.window_samples, self.window_tokens, self.window_flops = 0.0, 0, 0, 0.0
+        self.window_plan = []
         log_scalars(trainer, metrics)
 
 
 def _group_size(group) -> int:
     return 1 if group is None else torch.distributed.get_world_size(group)
+
+
+# perf/ columns of metrics.csv shown by the evaluate report, with their labels.
+SUMMARY_KEYS = {
+    "perf/samples_per_sec": "samples/s",
+    "perf/tflops_per_device": "TFLOP/s per device",
+    "perf/mfu": "MFU",
+    "perf/rank_imbalance": "rank imbalance (max rank cost / mean - 1)",
+    "perf/pad_fraction": "pad fraction (batch slots without a clip)",
+}
+
+
+def throughput_summary(metrics_csv: Path) -> dict[str, dict[str, float]]:
+    """{key: {"mean", "last", "count"}} of the SUMMARY_KEYS a run logged to its metrics.csv ({} when
+    the file or the columns are missing)."""
+    if not Path(metrics_csv).is_file():
+        return {}
+    metrics = read_metrics(Path(metrics_csv))
+    out = {}
+    for key in SUMMARY_KEYS:
+        values = metrics.get(key, ([], []))[1]
+        if values:
+            out[key] = {"mean": sum(values) / len(values), "last": values[-1], "count": len(values)}
+    return out
+
+
+def throughput_markdown(summary: dict[str, dict[str, float]]) -> list[str]:
+    """Markdown lines of a throughput_summary: one row per logged metric (none when empty)."""
+    if not summary:
+        return []
+    lines = ["", "Training throughput (the run's metrics.csv):", "", "| metric | mean | last | logged |", "|---|---|---|---|"]
+    for key, label in SUMMARY_KEYS.items():
+        if key in summary:
+            row = summary[key]
+            lines.append(f"| {label} | {row['mean']:.4g} | {row['last']:.4g} | {row['count']} |")
+    return lines
