@@ -169,10 +169,12 @@ def build_trainer(cfg: DictConfig, run_dir: Path, extra_callbacks=()):
                                 float(cfg.checkpoint_reserve_gb))
     guard = cfg.guard
     callbacks = [
-        checkpoint,
-        Preemption(checkpoint, signals=list(cfg.preemption.signals), requeue_signals=list(cfg.preemption.requeue_signals)),
+        # Before the checkpoint callbacks: a checkpoint saved at a step then holds the guard's verdict on
+        # it (under DeepSpeed that verdict comes after the step, in on_train_batch_end).
         NonFiniteGuard(int(guard.max_bad_steps), int(guard.window), float(guard.spike_zscore), int(guard.spike_warmup),
                        checkpoint=checkpoint),
+        checkpoint,
+        Preemption(checkpoint, signals=list(cfg.preemption.signals), requeue_signals=list(cfg.preemption.requeue_signals)),
         RNGState(),
         *build_eval_callbacks(cfg, run_dir),  # conf/eval/: samples, held-out loss, throughput/MFU
         *extra_callbacks,

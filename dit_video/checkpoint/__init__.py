@@ -23,4 +23,5 @@ Modules:
   save.py     StepCheckpoint (the callback) and SafeCheckpointIO: atomic, durable writes
   resume.py   the training loader's position in every checkpoint (replay fallback)
   export.py   EMA weights -> one safetensors file (`python -m dit_video.checkpoint export ...`)
+  deepspeed.py  ZeRO checkpoint folders (Lightning's DeepSpeedStrategy): recognise, verify, read whole
 """

@@ -10,6 +10,7 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
+from dit_video.checkpoint.deepspeed import is_deepspeed_checkpoint, load_deepspeed_checkpoint
 from dit_video.checkpoint.verify import load_checkpoint_file, verify_checkpoint
 from dit_video.errors import CheckpointError
 from dit_video.files import sha256_file
@@ -25,6 +26,8 @@ def load_training_checkpoint(path: str | Path, sections: list[str] | None = None
     tensors and plain types: `.metadata` passes the allowlist first (verify_checkpoint).
     """
     path = Path(path)
+    if is_deepspeed_checkpoint(path):
+        return load_deepspeed_checkpoint(path, sections)
     if path.is_dir():
         verify_checkpoint(path)
         state: dict = {}
@@ -42,7 +45,7 @@ def load_checkpoint(path: str | Path) -> dict:
     """Load a Lightning checkpoint written by dit-video, never unpickling arbitrary objects: a
     file, or a DCP folder written by FSDP2 at any world size (read whole on this process)."""
     path = Path(path)
-    if path.is_dir() and (path / ".metadata").is_file():
+    if path.is_dir() and ((path / ".metadata").is_file() or is_deepspeed_checkpoint(path)):
         ckpt = load_training_checkpoint(path, sections=["state_dict"])  # weights and meta, no optimizer state
     elif not path.is_file():
         raise CheckpointError(f"checkpoint '{path}' does not exist (look in <run_dir>/checkpoints/)")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from dit_video.checkpoint.deepspeed import is_deepspeed_checkpoint, verify_deepspeed_checkpoint
 from dit_video.errors import CheckpointError
 
 
@@ -53,6 +54,8 @@ def verify_checkpoint(path: str | Path) -> None:
     its `meta.pt` is loaded with weights_only=True; its shard files hold raw tensor bytes.
     """
     path = Path(path)
+    if is_deepspeed_checkpoint(path):  # a ZeRO folder (Lightning's DeepSpeedStrategy): checkpoint/deepspeed.py
+        return verify_deepspeed_checkpoint(path)
     if path.is_dir():
         meta = path / ".metadata"
         if not meta.is_file():
