@@ -164,6 +164,13 @@ class CollectiveLog:
 
         return recorded
 
+    def track_host_tensors(self) -> None:
+        """From now on, tag host tensors (tensors that exist already count as on the device)."""
+        self.host_tensors = True
+        if self._mode is None:
+            self._mode = HostTensors()
+            self._mode.__enter__()
+
     @contextlib.contextmanager
     def device_tensors(self):
         """Tensors made inside (a module being built, as a strategy would place it) are device tensors."""
@@ -201,8 +208,7 @@ def record_collectives(device: str | torch.device = "cpu", host_tensors: bool = 
         if hasattr(funcol, name):
             setattr(funcol, name, log.wrap(f"functional.{name}", getattr(funcol, name)))
     if host_tensors:
-        log._mode = HostTensors()
-        log._mode.__enter__()
+        log.track_host_tensors()
     return log
 
 
