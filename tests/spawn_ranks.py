@@ -105,6 +105,8 @@ class HostTensors(TorchFunctionMode):
             # A literal "cpu" is the host; a torch.device (module.device) or a tensor's is the module's device.
             made_on_host = _is_host(target) if isinstance(target, torch.Tensor) else (
                 isinstance(target, str) and target.startswith("cpu"))
+            if not made_on_host and out is args[0] and _is_host(out):
+                out = out.view_as(out)  # "moved": here .to() returned the host tensor itself; a new, untagged view
         elif _in_place(func):  # x.copy_(host), x += y: x stays where it is
             made_on_host = bool(args) and isinstance(args[0], torch.Tensor) and _is_host(args[0])
         else:
@@ -276,8 +278,11 @@ def spawn_ranks(target, store: str, world: int, timeout: float = 120.0, host_ten
     alive = [p for p in procs if p.is_alive()]
     for p in alive:
         p.kill()
-    assert not alive, "a rank hung"
-    assert [p.exitcode for p in procs] == [0] * world, "a rank failed (its traceback is in the captured stderr)"
+    logs = {r: json.loads(f.read_text()) for r in range(world) if (f := log_dir / f"collectives-{r}.json").is_file()}
+    problems = "\n  ".join(parity_problems(logs)[:10]) if logs else "no collective logs"
+    assert not alive, f"a rank hung; collective parity so far:\n  {problems}"
+    assert [p.exitcode for p in procs] == [0] * world, (
+        f"a rank failed (its traceback is in the captured stderr); collective parity:\n  {problems}")
     results = dict(queue.get(timeout=5) for _ in range(world))
     assert_collective_parity(log_dir, world)
     return results

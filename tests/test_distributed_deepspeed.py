@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from spawn_ranks import assert_collective_parity
 
 ROOT = Path(__file__).resolve().parents[1]
 EXT_DIR = Path.home() / ".cache" / "dit_video" / "torch_extensions"
@@ -91,6 +92,7 @@ def run_deepspeed(tmp_path, *args: str) -> dict:
            f"--master-port={free_port()}", str(Path(__file__).resolve()), str(out), *args]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-5000:]
+    assert_collective_parity(tmp_path, 2)
     return json.loads(out.read_text())
 
 
@@ -232,7 +234,13 @@ def frozen_encoders_worker(out: str, vae_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    if sys.argv[2] == "frozen_encoders":
-        frozen_encoders_worker(sys.argv[1], sys.argv[3])
-    else:
-        worker(sys.argv[1], int(sys.argv[2]), bool(int(sys.argv[3])))
+    from spawn_ranks import record_collectives
+
+    log = record_collectives("cpu")
+    try:
+        if sys.argv[2] == "frozen_encoders":
+            frozen_encoders_worker(sys.argv[1], sys.argv[3])
+        else:
+            worker(sys.argv[1], int(sys.argv[2]), bool(int(sys.argv[3])))
+    finally:
+        log.dump(Path(sys.argv[1]).parent / f"collectives-{os.environ['RANK']}.json")

@@ -5,7 +5,8 @@ same forwards, and hand collectives only tensors on the module's device.
 On a cluster a rank that skips a forward hangs the others until the NCCL timeout, and NCCL refuses
 the host float64 tensors the held-out loss once all-reduced; on gloo the first may still hang and
 the second passes silently, so the ranks' collectives are recorded and compared, with host tensors
-emulated (tests/spawn_ranks.py): 3 held-out batches over 2 ranks (2 + 1), and 1 prompt over 2.
+emulated (tests/spawn_ranks.py): 4 held-out batches over 2 ranks (2 + 2: only the device can be
+wrong), then 3 (2 + 1), and 1 prompt over 2.
 """
 
 from __future__ import annotations
@@ -34,9 +35,9 @@ def tiny_dit():
     return model
 
 
-def held_out_batches(rank: int) -> list[dict]:
-    """Rank 0 reads 2 held-out batches, rank 1 one (what uneven shards give)."""
-    sizes = {0: [2, 2], 1: [2]}[rank]
+def held_out_batches(rank: int, even: bool = False) -> list[dict]:
+    """Rank 0 reads 2 held-out batches, rank 1 one (what uneven shards give), or 2 each."""
+    sizes = [2, 2] if even or rank == 0 else [2]
     g = torch.Generator().manual_seed(100 + rank)
     return [{"clip": torch.randn(b, 4, *LATENT_SHAPE, generator=g), "caption": [f"clip {rank}"] * b} for b in sizes]
 
@@ -76,9 +77,11 @@ def _rank(rank: int, store: str, queue) -> None:
         fully_shard(ema)
         ema.eval()
         module = fake_module(ema)
-        trainer = types.SimpleNamespace(datamodule=types.SimpleNamespace(val_dataloader=lambda: held_out_batches(rank)),
-                                        is_global_zero=rank == 0, logger=None)
-        metrics = ValidationLoss(ValLossConfig(every_n_steps=1, max_batches=4)).evaluate(trainer, module)
+        metrics = {}
+        for even in (True, False):  # even shards first: only the device of the reduced tensors can fail there
+            data = types.SimpleNamespace(val_dataloader=lambda even=even: held_out_batches(rank, even))
+            trainer = types.SimpleNamespace(datamodule=data, is_global_zero=rank == 0, logger=None)
+            metrics[even] = ValidationLoss(ValLossConfig(every_n_steps=1, max_batches=4)).evaluate(trainer, module)
 
         calls = []
 
@@ -98,18 +101,19 @@ def _rank(rank: int, store: str, queue) -> None:
 
 
 def test_sharded_ema_evaluation_runs_the_same_forwards_on_every_rank(tmp_path):
+    done = spawn_ranks(_rank, str(tmp_path / "store"), WORLD, timeout=90, host_tensors=True)
     from dit_video.eval.val_loss import ValLossConfig, held_out_sums
 
-    done = spawn_ranks(_rank, str(tmp_path / "store"), WORLD, timeout=90, host_tensors=True)
     # Held-out loss: the padded forward's result is dropped; both ranks report the loss over the 3
     # real batches, as one process computes it batch by batch with the whole (unsharded) EMA.
     dit = tiny_dit().eval()
-    sums, counts = zip(*(held_out_sums(fake_module(dit), dit, held_out_batches(r), ValLossConfig(max_batches=4))
-                         for r in range(WORLD)), strict=True)
-    expected = float(sum(s.sum() for s in sums) / sum(c.sum() for c in counts))
-    assert float(sum(c.sum() for c in counts)) == 6  # 2 + 2 + 2 samples, the dummy batch not counted
-    for rank in range(WORLD):
-        assert abs(done[rank]["metrics"]["val/loss"] - expected) < 1e-5 * expected
+    for even, samples in ((True, 8), (False, 6)):  # uneven: 2 + 2 + 2 samples, the dummy batch not counted
+        sums, counts = zip(*(held_out_sums(fake_module(dit), dit, held_out_batches(r, even), ValLossConfig(max_batches=4))
+                             for r in range(WORLD)), strict=True)
+        expected = float(sum(s.sum() for s in sums) / sum(c.sum() for c in counts))
+        assert float(sum(c.sum() for c in counts)) == samples
+        for rank in range(WORLD):
+            assert abs(done[rank]["metrics"][even]["val/loss"] - expected) < 1e-5 * expected
     # Samples: one prompt, two ranks: rank 1 generates a padding clip too, dropped after the gather.
     assert [len(c) for c in done[0]["calls"]] == [len(c) for c in done[1]["calls"]] == [1]
     assert done[0]["owner"] == done[1]["owner"] == [0]
