@@ -201,8 +201,9 @@ EXPECTED_WARNINGS = {
     "You passed in a `val_dataloader` but have no `validation_step`": "DiT validation is a callback",
     # our datamodules restore their exact position themselves (VideoDataModule.state_dict, or ResumableData's replay)
     "You're resuming from a checkpoint that ended before the epoch ended": "the loader position is restored",
-    # the EMA copy (and LPIPS in the VAE loss) are frozen and in eval mode by design
-    "module(s) in eval mode at the start of training": "frozen copies are in eval mode",
+    # LPIPS in the VAE loss is frozen and in eval mode by design (the DiT's EMA left the module tree:
+    # DiT runs no longer raise it)
+    "module(s) in eval mode at the start of training": "LPIPS is frozen, in eval mode",
     # Lightning 2.6's pytree helper calls an API torch 2.13 deprecated; nothing of ours to change
     "`isinstance(treespec, LeafSpec)` is deprecated": "Lightning internals",
 }

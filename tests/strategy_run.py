@@ -249,6 +249,7 @@ def torchrun(nproc: int, out: Path, *overrides: str) -> dict[int, float]:
            f"trainer.devices={nproc}", *overrides]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT)
     assert proc.returncode == 0, proc.stderr[-5000:]
+    assert "module(s) in eval mode" not in proc.stderr  # the EMA, in eval mode, is no submodule any more
     assert_collective_parity(out, nproc, "cpu", min_entries=1 if nproc > 1 else 0)
     return read_losses(out)
 

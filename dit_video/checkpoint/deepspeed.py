@@ -35,7 +35,7 @@ _ENGINE_KEYS = {"module", "buffer_names", "optimizer", "param_shapes", "frozen_p
                 "frozen_param_fragments", "lr_scheduler", "data_sampler", "random_ltd", "skipped_steps",
                 "global_steps", "global_samples", "dp_world_size", "mp_world_size", "checkpoint_parallel_dimensions",
                 "ds_config", "ds_version", "ema_state_dict"}
-EMA_KEY = "ema_state_dict"  # lit_module/ema.py: the EMA in the client state, keys "ema.*"
+EMA_KEY = "ema_state_dict"  # the EMA in the client state (keys "ema.*"), written by lit_module/ema.py
 
 
 class _Fields:

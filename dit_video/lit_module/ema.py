@@ -27,8 +27,10 @@ import copy
 import torch
 from torch import nn
 
+from dit_video.checkpoint.deepspeed import EMA_KEY as CLIENT_KEY
+from dit_video.errors import CheckpointError
+
 EMA_PREFIX = "ema."
-CLIENT_KEY = "ema_state_dict"  # DeepSpeed checkpoints: the EMA in the client state, keys "ema.*"
 
 
 class EMAWeights:
@@ -117,8 +119,8 @@ def ema_from_client_state(ema: nn.Module, checkpoint: dict) -> None:
         has = torch.tensor([saved is not None], dtype=torch.int32, device=next(ema.parameters()).device)
         torch.distributed.broadcast(has, src=0)
         if not bool(has):
-            raise KeyError(f"DeepSpeed checkpoint holds no '{CLIENT_KEY}' (written before the EMA left the module tree)")
+            raise CheckpointError(f"DeepSpeed checkpoint holds no EMA ('{CLIENT_KEY}'): not written by dit-video's DiT training")
         for tensor in ema.state_dict().values():
             torch.distributed.broadcast(tensor, src=0)
     elif saved is None:
-        raise KeyError(f"DeepSpeed checkpoint holds no '{CLIENT_KEY}' (written before the EMA left the module tree)")
+        raise CheckpointError(f"DeepSpeed checkpoint holds no EMA ('{CLIENT_KEY}'): not written by dit-video's DiT training")
