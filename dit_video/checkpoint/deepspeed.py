@@ -106,12 +106,13 @@ def _optimizer_partitions(tag: Path, world: int) -> list[dict]:
 def _zero3_weights(shapes: dict[str, torch.Size], parts: list[dict]) -> dict[str, torch.Tensor]:
     """ZeRO-3: each parameter is split into `world` equal slices (the last padded), laid out on
     each rank one parameter after the other in `param_shapes` order."""
-    flats = [torch.cat([g.flatten() for g in p["fp32_flat_groups"]]) for p in parts]  # [numel / world (padded)]
+    flats = [torch.cat([g.flatten() for g in p["fp32_flat_groups"]]) for p in parts]  # per rank [sum of slices]
     out, offset = {}, 0
     for name, shape in shapes.items():
         numel = math.prod(shape)
         per_rank = math.ceil(numel / len(flats))
-        out[name] = torch.cat([flat.narrow(0, offset, per_rank) for flat in flats])[:numel].view(shape).clone()
+        whole = torch.cat([flat.narrow(0, offset, per_rank) for flat in flats])  # [world * per_rank] (padded)
+        out[name] = whole[:numel].view(shape).clone()  # [*shape]
         offset += per_rank
     return out
 
@@ -126,7 +127,7 @@ def _zero12_weights(shapes: dict[str, torch.Size], parts: list[dict]) -> dict[st
             for name, address in mapping.items():
                 start, numel = address.start, address.numel
                 pieces[name].append(flat.narrow(0, start, numel))
-    return {name: torch.cat(pieces[name]).view(shape).clone() for name, shape in shapes.items()}
+    return {name: torch.cat(pieces[name]).view(shape).clone() for name, shape in shapes.items()}  # [*shape] each
 
 
 def load_deepspeed_checkpoint(path: str | Path, sections: list[str] | None = None) -> dict:
