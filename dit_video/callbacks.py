@@ -27,6 +27,7 @@ from collections import deque
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import DeepSpeedStrategy
 
 from dit_video.checkpoint.save import StepCheckpoint
 from dit_video.errors import TrainingDiverged
@@ -157,15 +158,26 @@ class NonFiniteGuard(Callback):
         self._mean, self._var, self._seen = float(state["mean"]), float(state["var"]), int(state["seen"])
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if isinstance(trainer.strategy, DeepSpeedStrategy):
+            return  # the ZeRO optimizer holds the gradients (p.grad is None): judged after its step
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         local_bad = bool(grads) and not _all_finite(grads)
         # FSDP shards differ per rank; DDP grads are identical after all-reduce. Agree either way.
         bad = trainer.strategy.reduce_boolean_decision(local_bad, all=False)
         self._skipped_this_step = bad
-        if not bad:
-            return
-        optimizer.zero_grad(set_to_none=True)  # AdamW skips parameters without a gradient
-        step = trainer.global_step
+        if bad:
+            optimizer.zero_grad(set_to_none=True)  # AdamW skips parameters without a gradient
+            self._count_skip(trainer.global_step)
+
+    def _deepspeed_verdict(self, trainer) -> None:
+        """DeepSpeed's ZeRO optimizer skips a step with a non-finite gradient itself (its global norm
+        is inf/NaN; parallel.deepspeed_config keeps the check on in bf16) and leaves weights and
+        optimizer state untouched; `was_step_applied` says whether it did, the same on every rank."""
+        self._skipped_this_step = not trainer.model.was_step_applied()
+        if self._skipped_this_step:
+            self._count_skip(trainer.global_step - 1)  # the step just taken, as numbered before it
+
+    def _count_skip(self, step: int) -> None:
         self.skipped_total += 1
         self.bad_steps.append(step)
         while self.bad_steps and self.bad_steps[0] <= step - self.window:
@@ -183,6 +195,8 @@ class NonFiniteGuard(Callback):
             )
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if isinstance(trainer.strategy, DeepSpeedStrategy):
+            self._deepspeed_verdict(trainer)
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         value = float(loss.detach().float()) if loss is not None else float("nan")
         spike = 0.0

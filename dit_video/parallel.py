@@ -19,6 +19,7 @@ all dp x sp ranks (DDP, FSDP2 over the whole world); `gather_sequence`'s backwar
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from functools import partial
 
@@ -42,6 +43,7 @@ class ParallelConfig:
     fsdp_reshard_after_forward: bool = True  # ZeRO-3 (True) or keep gathered weights until backward (ZeRO-2-like)
     sequence_parallel_size: int = 1  # ranks that split one sequence's tokens (needs a process group); 1 = off
     sp_attention: str = "ulysses"  # self-attention across the split: ulysses (heads % sp == 0) | ring (any heads)
+    deepspeed: bool = False  # DeepSpeed runs bf16 weights without autocast: inputs_follow_weights
     # DeepSpeed ZeRO-3 gathers a module's own weights when that module is entered; the fused QKV
     # kernel (model/fused.py) reads the QK-norm weights from the attention layer, so attention
     # layers become ZeRO-3 "leaf" modules that gather all their weights on entry.
@@ -74,7 +76,43 @@ def parallelize(model: nn.Module, cfg: ParallelConfig, mesh=None) -> nn.Module:
         policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
         for block in blocks:
             fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=cfg.fsdp_reshard_after_forward)
-        fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=cfg.fsdp_reshard_after_forward)
+        # The root casts its inputs itself (below) instead of FSDP's cast-everything: a bf16 t has
+        # ~128 distinct values in [0.5, 1), while the objective and sampler use fp32 t.
+        root = dataclasses.replace(policy, cast_forward_inputs=False)
+        fully_shard(model, mesh=mesh, mp_policy=root, reshard_after_forward=cfg.fsdp_reshard_after_forward)
+        if dtype is not None:
+            inputs_follow_weights(model, dtype)
+    if cfg.deepspeed:
+        inputs_follow_weights(model)
+    return model
+
+
+def inputs_follow_weights(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """Cast the floating inputs of `model`'s forward and forward_packed (x, text_emb, pooled) to
+    `dtype` (None: the weights' dtype at each call), all but `t` (the second argument): the timestep
+    embedding makes its sinusoids from fp32 t. For DiTs run in bf16 weights without autocast
+    (FSDP2's param_dtype, DeepSpeed's bf16 engine)."""
+
+    def cast(value, to: torch.dtype):
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            return value.to(to)
+        if isinstance(value, (list, tuple)):  # forward_packed: a list of latents [C, T_i, H_i, W_i]
+            return type(value)(cast(v, to) for v in value)
+        return value
+
+    def hook(module, args, kwargs):
+        to = dtype if dtype is not None else next(module.parameters()).dtype
+        args = tuple(a if i == 1 else cast(a, to) for i, a in enumerate(args))
+        return args, {k: v if k == "t" else cast(v, to) for k, v in kwargs.items()}
+
+    model.register_forward_pre_hook(hook, with_kwargs=True)
+    forward_packed = model.forward_packed
+
+    def packed(*args, **kwargs):
+        args, kwargs = hook(model, args, kwargs)
+        return forward_packed(*args, **kwargs)
+
+    model.forward_packed = packed
     return model
 
 
@@ -91,10 +129,11 @@ def checkpointed(block: nn.Module) -> nn.Module:
 
 def parallelize_dit_module(module: nn.Module, cfg: ParallelConfig, mesh=None):
     """What DiTModule.configure_model calls: `shard_sequence` (sequence parallelism) and
-    `parallelize` the trained DiT; under FSDP also shard its
-    EMA copy the same way, so the per-step EMA update is a local op on matching shards and the EMA
-    is saved sharded with the rest. The frozen VAE and text encoder are left alone: they hold no
-    optimizer state, so sharding them would only add all-gathers to every forward.
+    `parallelize` the trained DiT; under FSDP also shard its EMA copy (fp32, outside the module tree)
+    the same way, so the per-step EMA update is a local op on matching shards, the EMA costs 1/world
+    of its size per rank, and it is saved sharded with the rest (its forwards are then collectives:
+    eval/samples.py and eval/val_loss.py run the same number on every rank). The frozen VAE and text
+    encoder are left alone: no optimizer state, so sharding them would only add all-gathers.
 
     mesh: Lightning's ModelParallelStrategy device mesh ("data_parallel" dimension used), or None.
     Returns this rank's sequence-parallel process group (None without sequence parallelism).
@@ -111,9 +150,8 @@ def parallelize_dit_module(module: nn.Module, cfg: ParallelConfig, mesh=None):
     if cfg.deepspeed_zero3:
         from deepspeed.utils import set_z3_leaf_modules
 
-
-        for net in (module.dit, module.ema):
-            set_z3_leaf_modules(net, [SelfAttention], raise_if_not_found=False)  # MMDiT blocks have none
+        # Only the trained DiT: the EMA lives outside the module tree, whole and fp32 (lit_module/ema.py).
+        set_z3_leaf_modules(module.dit, [SelfAttention], raise_if_not_found=False)  # MMDiT blocks have none
     if cfg.fsdp:
         from torch.distributed.fsdp import fully_shard
 
@@ -159,7 +197,6 @@ def shard_sequence(dit: nn.Module, group, attention: str = "ulysses") -> nn.Modu
     Every rank of the group must get the same inputs (batch, noise, t): checked at the first forward.
     """
     import torch.distributed as dist
-
 
     if attention not in SP_ATTENTIONS:
         raise ValueError(f"strategy.sp_attention={attention!r}: use one of {', '.join(SP_ATTENTIONS)}")
@@ -277,15 +314,17 @@ class StrategyConfig:
         if unknown:
             raise ValueError(f"strategy.parallel: unknown field(s) {unknown}; known: {sorted(ParallelConfig.__dataclass_fields__)}")
         fields["fsdp"] = self.kind == "fsdp"
+        fields["deepspeed"] = self.kind == "deepspeed"
         fields["deepspeed_zero3"] = self.kind == "deepspeed" and self.zero_stage == 3
         fields["sequence_parallel_size"], fields["sp_attention"] = self.sequence_parallel_size, self.sp_attention
         return ParallelConfig(**fields)
 
 
-def deepspeed_config(cfg: StrategyConfig, micro_batch_size: int, grad_accum: int = 1, gradient_clipping: float = 1.0,
+def deepspeed_config(cfg: StrategyConfig, micro_batch_size: int, gradient_clipping: float = 1.0,
                      bf16: bool = True) -> dict:
     """The DeepSpeed JSON config for `cfg` (what Lightning's DeepSpeedStrategy or a plain
-    `deepspeed.initialize` gets). The optimizer comes from the LightningModule (our AdamW)."""
+    `deepspeed.initialize` gets). The optimizer comes from the LightningModule (our AdamW). No
+    `gradient_accumulation_steps`: Lightning sets it from the Trainer and refuses a config that has it."""
     zero: dict = {
         "stage": cfg.zero_stage,
         "overlap_comm": True,
@@ -302,9 +341,9 @@ def deepspeed_config(cfg: StrategyConfig, micro_batch_size: int, grad_accum: int
         zero["offload_param"] = {"device": "cpu", "pin_memory": True}
     return {
         "train_micro_batch_size_per_gpu": micro_batch_size,
-        "gradient_accumulation_steps": grad_accum,
         "gradient_clipping": gradient_clipping,
-        "bf16": {"enabled": bf16},
+        # A non-finite gradient makes the ZeRO optimizer skip the step (NonFiniteGuard counts it).
+        "bf16": {"enabled": bf16, "check_grad_overflow": True},
         "zero_optimization": zero,
         # Our AdamW (decay on matrices only) is a torch optimizer, not DeepSpeed's fused one.
         "zero_allow_untested_optimizer": True,
@@ -346,7 +385,7 @@ def lightning_strategy(cfg: StrategyConfig, micro_batch_size: int, gradient_clip
     from lightning.pytorch.strategies import DeepSpeedStrategy
 
     bf16 = precision is not None and str(precision).startswith("bf16")
-    return DeepSpeedStrategy(config=deepspeed_config(cfg, micro_batch_size, 1, gradient_clipping or 0.0, bf16),
+    return DeepSpeedStrategy(config=deepspeed_config(cfg, micro_batch_size, gradient_clipping or 0.0, bf16),
                              process_group_backend=cfg.process_group_backend)
 
 

@@ -210,10 +210,12 @@ def build_trainer(cfg: DictConfig, run_dir: Path, extra_callbacks=()):
                                 float(cfg.checkpoint_reserve_gb))
     guard = cfg.guard
     callbacks = [
-        checkpoint,
-        Preemption(checkpoint, signals=list(cfg.preemption.signals), requeue_signals=list(cfg.preemption.requeue_signals)),
+        # Before the checkpoint callbacks: a checkpoint saved at a step then holds the guard's verdict on
+        # it (under DeepSpeed that verdict comes after the step, in on_train_batch_end).
         NonFiniteGuard(int(guard.max_bad_steps), int(guard.window), float(guard.spike_zscore), int(guard.spike_warmup),
                        checkpoint=checkpoint),
+        checkpoint,
+        Preemption(checkpoint, signals=list(cfg.preemption.signals), requeue_signals=list(cfg.preemption.requeue_signals)),
         RNGState(),
         *build_eval_callbacks(cfg, run_dir),  # conf/eval/: samples, held-out loss, throughput/MFU
         *extra_callbacks,
@@ -240,8 +242,9 @@ EXPECTED_WARNINGS = {
     "You passed in a `val_dataloader` but have no `validation_step`": "DiT validation is a callback",
     # our datamodules restore their exact position themselves (VideoDataModule.state_dict, or ResumableData's replay)
     "You're resuming from a checkpoint that ended before the epoch ended": "the loader position is restored",
-    # the EMA copy (and LPIPS in the VAE loss) are frozen and in eval mode by design
-    "module(s) in eval mode at the start of training": "frozen copies are in eval mode",
+    # LPIPS in the VAE loss is frozen and in eval mode by design (the DiT's EMA left the module tree:
+    # DiT runs no longer raise it)
+    "module(s) in eval mode at the start of training": "LPIPS is frozen, in eval mode",
     # Lightning 2.6's pytree helper calls an API torch 2.13 deprecated; nothing of ours to change
     "`isinstance(treespec, LeafSpec)` is deprecated": "Lightning internals",
 }

@@ -14,6 +14,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from spawn_ranks import assert_collective_parity
 from test_flops import counted
 from tiny_run import TINY_DATA, TINY_DIT, compose_train, distributed_sampling_worker, tiny_run
 
@@ -107,10 +108,13 @@ def test_distributed_sampling_two_gloo_ranks_each_prompt_once(run, tmp_path):
         port = s.getsockname()[1]
     ckpt = str(run["run"] / "checkpoints" / "last.ckpt")
     torch.multiprocessing.spawn(distributed_sampling_worker, args=(2, port, ckpt, prompts, str(tmp_path)), nprocs=2)
+    assert_collective_parity(tmp_path, 2)
     results = [np.load(tmp_path / f"rank{r}.npz") for r in range(2)]
     calls = [list(r["calls"]) for r in results]
-    assert sorted(calls[0] + calls[1]) == sorted(prompts)  # every prompt sampled exactly once over the ranks
-    assert calls[0] and calls[1]  # both ranks worked
+    # Every rank generates ceil(5 / 2) = 3 clips (a sharded EMA's forward is a collective): rank 1
+    # pads its 2 prompts with a repeat whose clip is dropped; each prompt is still sampled, once kept.
+    assert len(calls[0]) == len(calls[1]) == 3 and calls[1][2] == calls[1][0]
+    assert sorted(calls[0] + calls[1][:2]) == sorted(prompts)
     for r in results:
         assert r["clips"].shape == (5, 17, 32, 32, 3) and list(r["owner"]) == [0, 1, 0, 1, 0]
     np.testing.assert_array_equal(results[0]["clips"], results[1]["clips"])  # every rank holds the gathered set

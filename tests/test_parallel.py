@@ -114,3 +114,34 @@ def test_dit_traces_for_compile_without_graph_breaks(variant, precision):
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
         explanation = torch._dynamo.explain(model)(**args)
     assert explanation.graph_break_count == 0, explanation.break_reasons
+
+
+def test_fsdp_bf16_weights_give_the_timestep_embedding_fp32_t_as_ddp_does(tmp_path):
+    """FSDP2's MixedPrecisionPolicy(param_dtype=bf16) cast every floating input of the root, t
+    included (~128 distinct values in [0.5, 1)), while the objective and sampler use fp32 t. The
+    timestep embedding must see what it sees under DDP: the same fp32 t. (One gloo process: the
+    casting is per process; the bf16 compute runs on CPU kernels here, CUDA's on a GPU.)"""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    model, args = model_and_inputs()
+    t = torch.linspace(0.5, 1.0, 2) + torch.tensor([1e-4, -3e-4])  # between bf16 steps (1/128 apart here)
+    args = (args[0], t, *args[2:])
+    seen: dict[str, torch.Tensor] = {}
+
+    def record(name):
+        return lambda module, inputs: seen.setdefault(name, inputs[0].detach().clone())
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        ddp_model = copy.deepcopy(model)
+        ddp_model.t_embedder.register_forward_pre_hook(record("ddp"))
+        DistributedDataParallel(ddp_model)(*args)
+        sharded = parallelize(copy.deepcopy(model), ParallelConfig(fsdp=True, fsdp_param_dtype="bfloat16"))
+        sharded.t_embedder.register_forward_pre_hook(record("fsdp"))
+        out = sharded(*args)
+    finally:
+        dist.destroy_process_group()
+    assert seen["fsdp"].dtype == seen["ddp"].dtype == torch.float32
+    assert torch.equal(seen["fsdp"], seen["ddp"])
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()  # the rest still computes in bf16

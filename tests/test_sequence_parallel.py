@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from spawn_ranks import spawn_ranks
+from spawn_ranks import assert_collective_parity, record_collectives, spawn_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
 WORLD = 2
@@ -153,6 +153,7 @@ def worker(out: str, overrides: list[str]) -> None:
     from dit_video.data.datamodule import ResumableDataModule
     from dit_video.run import build_trainer
 
+    log = record_collectives("cpu")
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=[
             *worker_overrides(out), f"checkpoint_every={STEPS}",
@@ -160,6 +161,7 @@ def worker(out: str, overrides: list[str]) -> None:
     torch.set_num_threads(1)
     L.seed_everything(0)
     module = make_module(cfg)  # batch = sample ids; latents = f(id), noise and t = f(step, id)
+    log.track_host_tensors()  # the module is built: what is made from now on is checked
     trainer = build_trainer(cfg, Path(out), extra_callbacks=[LossRecorder(str(Path(out) / "losses.txt"))])
     # The whole global batch on every rank of the (single) sequence-parallel group: Lightning's
     # DistributedSampler reads the strategy's data-parallel rank/size.
@@ -175,6 +177,7 @@ def worker(out: str, overrides: list[str]) -> None:
         if trainer.is_global_zero:
             torch.save({"rank_world": [s[0] for s in states], "rng": [s[1] for s in states]}, Path(out) / "ranks.pt")
         dist.destroy_process_group()
+    log.dump(Path(out) / f"collectives-{trainer.global_rank}.json")
 
 
 def torchrun(nproc: int, out: Path, *overrides: str) -> dict[int, float]:
@@ -186,6 +189,7 @@ def torchrun(nproc: int, out: Path, *overrides: str) -> dict[int, float]:
            *overrides]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-5000:]
+    assert_collective_parity(out, nproc, "cpu", min_entries=1 if nproc > 1 else 0)
     return {int(step): float(loss) for step, loss, *_ in (line.split() for line in (out / "losses.txt").read_text().splitlines())}
 
 

@@ -94,15 +94,18 @@ def distributed_sampling_worker(rank: int, world_size: int, port: int, ckpt: str
     """One gloo rank: sample `prompts` across ranks with the real pipeline; save what it saw."""
     import numpy as np
     import torch
+    from spawn_ranks import record_collectives
 
     from dit_video.eval.samples import sample_across_ranks
     from dit_video.pipeline import Pipeline
 
+    log = record_collectives("cpu")
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                          world_size=world_size)
     try:
         pipe = Pipeline.from_checkpoint(ckpt)
+        log.track_host_tensors()  # the pipeline is built and placed: what is made from now on is checked
         calls = []
 
         def generate(p, s):
@@ -113,3 +116,4 @@ def distributed_sampling_worker(rank: int, world_size: int, port: int, ckpt: str
         np.savez(f"{out}/rank{rank}.npz", clips=clips, owner=np.array(owner), calls=np.array(calls))
     finally:
         torch.distributed.destroy_process_group()
+        log.dump(f"{out}/collectives-{rank}.json")

@@ -27,4 +27,5 @@ Modules:
   strategy.py SafeModelParallelStrategy: FSDP2 training resume through dcp.py
   resume.py   the training loader's position in every checkpoint (replay fallback)
   export.py   EMA weights -> one safetensors file (`python -m dit_video.checkpoint export ...`)
+  deepspeed.py  ZeRO checkpoint folders (Lightning's DeepSpeedStrategy): recognise, verify, read whole
 """

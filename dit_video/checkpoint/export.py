@@ -15,6 +15,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from dit_video.checkpoint.deepspeed import is_deepspeed_checkpoint
 from dit_video.checkpoint.load import load_training_checkpoint
 from dit_video.checkpoint.paths import latest_checkpoint
 from dit_video.errors import CheckpointError
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     exp.add_argument("out")
     args = parser.parse_args(argv)
     ckpt = Path(args.ckpt)
-    if ckpt.is_dir() and not (ckpt / ".metadata").is_file():  # a checkpoints/ folder: take its latest
+    if ckpt.is_dir() and not (ckpt / ".metadata").is_file() and not is_deepspeed_checkpoint(ckpt):  # checkpoints/
         found = latest_checkpoint(ckpt)
         if found is None:
             raise SystemExit(f"no complete checkpoint in {ckpt}")

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from dit_video.checkpoint.dcp import SafeFullLoadPlanner, load_dcp, why
+from dit_video.checkpoint.deepspeed import is_deepspeed_checkpoint, load_deepspeed_checkpoint
 from dit_video.checkpoint.verify import load_checkpoint_file, verify_dcp_checkpoint
 from dit_video.errors import CheckpointError
 from dit_video.files import sha256_file
@@ -24,6 +25,8 @@ def load_training_checkpoint(path: str | Path, sections: list[str] | None = None
     `.metadata` is checked once (dit_video.checkpoint.dcp) and handed to the reader.
     """
     path = Path(path)
+    if is_deepspeed_checkpoint(path):
+        return load_deepspeed_checkpoint(path, sections)
     if path.is_dir():
         metadata = verify_dcp_checkpoint(path)
         state: dict = {}
@@ -40,7 +43,7 @@ def load_checkpoint(path: str | Path) -> dict:
     """Load a Lightning checkpoint written by dit-video, never unpickling arbitrary objects: a
     file, or a DCP folder written by FSDP2 at any world size (read whole on this process)."""
     path = Path(path)
-    if path.is_dir() and (path / ".metadata").is_file():
+    if path.is_dir() and ((path / ".metadata").is_file() or is_deepspeed_checkpoint(path)):
         ckpt = load_training_checkpoint(path, sections=["state_dict"])  # weights and meta, no optimizer state
     elif not path.is_file():
         raise CheckpointError(f"checkpoint '{path}' does not exist (look in <run_dir>/checkpoints/)")

@@ -6,6 +6,7 @@ import logging
 import re
 from pathlib import Path
 
+from dit_video.checkpoint.deepspeed import is_deepspeed_checkpoint
 from dit_video.checkpoint.verify import verify_checkpoint
 from dit_video.errors import CheckpointError
 
@@ -68,7 +69,7 @@ def resolve_ckpt_path(spec: str | None, ckpt_dir: Path) -> str | None:
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint file or DCP folder (FSDP2), or a run directory -> its checkpoints/last.ckpt."""
     path = Path(path)
-    if path.is_dir() and not (path / ".metadata").is_file():
+    if path.is_dir() and not (path / ".metadata").is_file() and not is_deepspeed_checkpoint(path):
         last = path / "checkpoints" / LAST_LINK
         if not last.exists():  # a file, or a link to a DCP folder
             raise CheckpointError(f"run directory '{path}' has no checkpoints/last.ckpt (is it a DiT run?)")

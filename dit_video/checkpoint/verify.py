@@ -16,6 +16,7 @@ import torch
 from torch.distributed.checkpoint.metadata import Metadata
 
 from dit_video.checkpoint.dcp import read_dcp_metadata, why
+from dit_video.checkpoint.deepspeed import is_deepspeed_checkpoint, verify_deepspeed_checkpoint
 from dit_video.errors import CheckpointError
 
 
@@ -56,6 +57,8 @@ def verify_checkpoint(path: str | Path) -> None:
     """Refuse a checkpoint (file or DCP folder) that would unpickle code or declare more data than
     it holds, before anything else reads it. Cheap: no tensor data is read."""
     path = Path(path)
+    if is_deepspeed_checkpoint(path):  # a ZeRO folder (Lightning's DeepSpeedStrategy): checkpoint/deepspeed.py
+        return verify_deepspeed_checkpoint(path)
     if path.is_dir():
         verify_dcp_checkpoint(path)
     else:

@@ -49,12 +49,18 @@ def rank_share(num_prompts: int, rank: int, world_size: int) -> list[int]:
 def sample_across_ranks(generate, prompts: list[str], seeds: list[int]) -> tuple[np.ndarray, list[int]]:
     """Run `generate(prompts, seeds) -> uint8 [n, T, H, W, 3]` on this rank's share of the prompts
     and gather: returns (clips [N, T, H, W, 3] in prompt order, the rank that made each) on
-    every rank. Without torch.distributed it is just generate(prompts, seeds)."""
+    every rank. Without torch.distributed it is just generate(prompts, seeds).
+
+    Every rank generates the same number of clips, ceil(N / world): under FSDP2 (or ZeRO-3 raw
+    weights) each DiT forward is a collective, so a rank with fewer prompts (or none: 4 prompts
+    on 8 GPUs) pads its share with repeats of a prompt and drops their clips. Padding costs no
+    wall time: that rank would otherwise wait for the others at the gather."""
     rank, world = rank_and_world()
-    mine = rank_share(len(prompts), rank, world)
-    local = generate([prompts[i] for i in mine], [seeds[i] for i in mine]) if mine else None
     if world == 1:
-        return local, [0] * len(prompts)
+        return (generate(prompts, seeds) if prompts else None), [0] * len(prompts)
+    mine = rank_share(len(prompts), rank, world)
+    padded = mine + [mine[0] if mine else 0] * (-(-len(prompts) // world) - len(mine))
+    local = generate([prompts[i] for i in padded], [seeds[i] for i in padded])[: len(mine)] if padded else None
     gathered: list = [None] * world
     torch.distributed.all_gather_object(gathered, (rank, mine, local))  # pickles numpy arrays (gloo and nccl)
     clips: list = [None] * len(prompts)

@@ -3,17 +3,24 @@ dropout, text tokens, then the objective's noise-predict-MSE."""
 
 from __future__ import annotations
 
-import copy
-
 import lightning as L
 import torch
+from lightning.pytorch.strategies import DeepSpeedStrategy
 
 from dit_video.diffusion import loss_by_t_bucket, t_bucket_names
 from dit_video.distributed import share_rng
 from dit_video.encoders.base import clip_to_video
 from dit_video.encoders.text_cache import TextEmbeddingCache
+from dit_video.lit_module.ema import (
+    EMA_PREFIX,
+    EMAWeights,
+    ema_decay_at,
+    ema_from_client_state,
+    ema_to_client_state,
+    ema_update,
+)
 from dit_video.lit_module.frozen import FrozenEncoders, FrozenEncodersMixin
-from dit_video.lit_module.optim import OptimConfig, build_optimizer, ema_decay_at, ema_update
+from dit_video.lit_module.optim import OptimConfig, build_optimizer
 from dit_video.parallel import parallelize_dit_module
 
 T_BUCKETS = 10  # the loss-vs-t curve is logged in this many equal buckets of t
@@ -30,7 +37,11 @@ class DiTModule(FrozenEncodersMixin, L.LightningModule):
         self.sequence_group = None  # this rank's sequence-parallel process group, set in configure_model
         # LRU of caption embeddings (0 = off): valid because the text encoder is frozen and in eval.
         self.text_cache = TextEmbeddingCache(text_encoder_cache) if text_encoder_cache > 0 else None
-        self.ema = copy.deepcopy(dit).requires_grad_(False).eval()
+        # fp32 and outside the module tree (lit_module/ema.py): no strategy casts or partitions it;
+        # state_dict()/load_state_dict() still carry it as `ema.*`.
+        self.ema_weights = EMAWeights(dit)
+        self.register_state_dict_post_hook(_ema_into_state_dict)
+        self.register_load_state_dict_pre_hook(_ema_from_state_dict)
         # Outside the module tree (FrozenEncodersMixin): not optimised, sharded or checkpointed.
         self.frozen_encoders = FrozenEncoders(vae.requires_grad_(False).eval(), text_encoder.requires_grad_(False).eval())
         self.objective, self.optim_cfg, self.ema_decay = objective, optim, ema_decay
@@ -40,11 +51,26 @@ class DiTModule(FrozenEncodersMixin, L.LightningModule):
         self.t_bucket_sum = torch.zeros(T_BUCKETS, dtype=torch.float64)  # per-bucket loss accumulators
         self.t_bucket_count = torch.zeros(T_BUCKETS, dtype=torch.long)
 
+    @property
+    def ema(self) -> torch.nn.Module:
+        """The EMA copy of the DiT (fp32; sharded like the DiT under FSDP2)."""
+        return self.ema_weights.module
+
     def train(self, mode: bool = True):
         super().train(mode)
-        for frozen in (self.ema, self.vae, self.text_encoder):
+        for frozen in (self.vae, self.text_encoder):
             frozen.eval()  # Lightning calls .train() on the whole module; frozen parts stay in eval
         return self
+
+    def _apply(self, fn, recurse: bool = True):
+        # The EMA follows device moves of the module, never dtype casts (DeepSpeed's .bfloat16()).
+        if recurse and "ema_weights" in self.__dict__:
+            self.ema_weights.follow_device(fn)
+        return super()._apply(fn, recurse)
+
+    def _ema_in_client_state(self) -> bool:
+        """DeepSpeed saves the module state itself (the EMA goes into its client state instead)."""
+        return self._trainer is not None and isinstance(self._trainer.strategy, DeepSpeedStrategy)
 
     @torch.no_grad()
     def encode_clips(self, clip: torch.Tensor) -> torch.Tensor:
@@ -183,3 +209,28 @@ class DiTModule(FrozenEncodersMixin, L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
         checkpoint["dit_video"] = self.meta
+        if self._ema_in_client_state():
+            ema_to_client_state(self.ema, checkpoint, self.trainer.is_global_zero)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self._ema_in_client_state():
+            ema_from_client_state(self.ema, checkpoint)  # collective: rank 0's EMA to every rank
+        super().on_load_checkpoint(checkpoint)
+
+
+def _ema_into_state_dict(module: DiTModule, state_dict, prefix, local_metadata) -> None:
+    """state_dict() post-hook: the EMA (outside the module tree) under `ema.*`, as when it was a submodule."""
+    if not module._ema_in_client_state():
+        module.ema.state_dict(destination=state_dict, prefix=prefix + EMA_PREFIX)
+
+
+def _ema_from_state_dict(module: DiTModule, state_dict, prefix, local_metadata, strict, missing_keys,
+                         unexpected_keys, error_msgs) -> None:
+    """load_state_dict() pre-hook: `ema.*` into the EMA. Missing or unexpected keys are reported, not
+    raised: load_state_dict(strict=...) decides (hooks are always called with strict=True)."""
+    start = prefix + EMA_PREFIX
+    keys = [k for k in state_dict if k.startswith(start)]
+    if keys or not module._ema_in_client_state():
+        result = module.ema.load_state_dict({k[len(start):]: state_dict.pop(k) for k in keys}, strict=False)
+        missing_keys.extend(start + k for k in result.missing_keys)
+        unexpected_keys.extend(start + k for k in result.unexpected_keys)

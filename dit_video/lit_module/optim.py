@@ -1,4 +1,4 @@
-"""AdamW with warmup, and the EMA of the weights: the optimisation both LightningModules share."""
+"""AdamW with warmup: the optimisation both LightningModules share (the EMA is in ema.py)."""
 
 from __future__ import annotations
 
@@ -33,16 +33,3 @@ def build_optimizer(module: nn.Module, cfg: OptimConfig):
     warmup = max(1, cfg.warmup_steps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup))
     return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-
-@torch.no_grad()
-def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    """ema <- decay * ema + (1 - decay) * model, over all parameters in one fused call."""
-    ema_params = list(ema.parameters())
-    params = [p.detach() for p in model.parameters()]
-    torch._foreach_lerp_(ema_params, params, 1.0 - decay)
-
-
-def ema_decay_at(step: int, decay: float) -> float:
-    """Warm the EMA up so short runs are not dominated by the random init (decay -> cfg value)."""
-    return min(decay, (1.0 + step) / (10.0 + step))

@@ -64,6 +64,7 @@ class VAEModule(L.LightningModule):
             d_loss, d_logs = self.objective.discriminator_loss(video, video_hat.detach())
             opt_disc.zero_grad(set_to_none=True)
             self.manual_backward(d_loss)
+            self._average_discriminator_gradients()
             self._clip(opt_disc)
             # Through the strategy, not opt_disc.step(): Lightning counts every LightningOptimizer
             # step as a global step, which would double max_steps, checkpoint_every and warmup.
@@ -76,6 +77,30 @@ class VAEModule(L.LightningModule):
         opt_vae.step()
         sched_vae.step()
         return loss, logs
+
+    # DDP takes charge of the parameters that require a gradient when it wraps the module, and
+    # reduces them in the first backward after each forward. The discriminator's gradient comes
+    # from a second backward (its own loss, after the VAE's): DDP would expect it in the first one
+    # and fail at the next step. So it is frozen while DDP wraps the module (configure_model runs
+    # just before, on_fit_start just after), and its gradients are averaged over ranks here.
+
+    def configure_model(self) -> None:
+        if self.adversarial and self.trainer.world_size > 1:
+            self.objective.discriminator.requires_grad_(False)
+
+    def on_fit_start(self) -> None:
+        if self.adversarial:
+            self.objective.discriminator.requires_grad_(True)
+
+    def _average_discriminator_gradients(self) -> None:
+        world = self.trainer.world_size
+        if world == 1:
+            return
+        grads = [p.grad for p in self.objective.discriminator.parameters() if p.grad is not None]
+        flat = torch.cat([g.flatten() for g in grads])  # one all-reduce for the whole critic
+        torch.distributed.all_reduce(flat)
+        for g, mean in zip(grads, (flat / world).split([g.numel() for g in grads]), strict=True):
+            g.copy_(mean.view_as(g))
 
     def _clip(self, optimizer) -> None:
         if self.gradient_clip_val:
