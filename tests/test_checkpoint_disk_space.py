@@ -79,3 +79,29 @@ def test_a_full_disk_on_one_rank_stops_every_rank_with_the_same_error(tmp_path):
 
 if __name__ == "__main__":
     worker(Path(sys.argv[1]))
+
+
+def test_a_zero_checkpoint_is_estimated_from_the_full_parameter_count():
+    """Under DeepSpeed a ZeRO-3 parameter's local tensor is empty and the optimizer state is not in
+    `trainer.optimizers[i].state`: the estimate counted ~0 bytes. It now counts every trained
+    parameter (ds_numel) at fp32 master + AdamW moments + its training dtype, plus the fp32 EMA."""
+    from types import SimpleNamespace
+
+    import torch
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    from dit_video.checkpoint.save import StepCheckpoint
+    from dit_video.lit_module.ema import EMAWeights
+
+    net = torch.nn.Linear(100, 50)  # 5050 parameters
+    module = torch.nn.Module()
+    module.dit = net.to(torch.bfloat16)
+    module.ema_weights = EMAWeights(net)
+    numel = sum(p.numel() for p in net.parameters())
+    for p in net.parameters():  # as ZeRO-3 leaves them: an empty local tensor, the true size in ds_numel
+        p.ds_numel = p.numel()
+        p.data = torch.empty(0, dtype=torch.bfloat16)
+    trainer = SimpleNamespace(strategy=DeepSpeedStrategy(stage=3), lightning_module=module, optimizers=[],
+                              world_size=8)
+    estimate = StepCheckpoint("unused", every_n_steps=1)._estimate_bytes(trainer)
+    assert estimate == int(1.1 * numel * (12 + 2 + 4))  # master + moments, bf16 weights, fp32 EMA

@@ -15,7 +15,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
-from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.strategies import DeepSpeedStrategy, ModelParallelStrategy
 
 from dit_video.checkpoint.paths import LAST_LINK, LATEST, STEP_NAME, checkpoint_name, complete_checkpoints
 from dit_video.checkpoint.verify import load_checkpoint_file
@@ -151,6 +151,8 @@ class StepCheckpoint(Callback):
         check_free_space(self.dirpath, worst[1], self.reserve_bytes, free=-worst[0])
 
     def _estimate_bytes(self, trainer) -> int:
+        if isinstance(trainer.strategy, DeepSpeedStrategy):
+            return int(_SIZE_MARGIN * deepspeed_checkpoint_bytes(trainer.lightning_module))
         module_bytes = state_bytes(trainer.lightning_module.state_dict())
         optim_bytes = sum(state_bytes(list(opt.state.values())) for opt in trainer.optimizers)
         # Sharded strategies: every rank holds 1/world of this and the folder holds all of it.
@@ -162,6 +164,22 @@ class StepCheckpoint(Callback):
         for old in found[: max(0, len(found) - self.keep)]:
             if old != keep_also:
                 _remove(old)
+
+
+def deepspeed_checkpoint_bytes(module) -> int:
+    """What a ZeRO checkpoint folder holds for `module`'s trained weights, whatever the stage: the
+    fp32 master weights and AdamW's two moments (12 B/param, spread over the ranks' optimizer
+    files), the module weights in their training dtype, and the fp32 EMA (client state). Under
+    ZeRO-3 a parameter's local tensor is empty, so sizes come from DeepSpeed's `ds_numel`."""
+    total = 0
+    for p in module.parameters():
+        if p.requires_grad:
+            numel = int(getattr(p, "ds_numel", p.numel()))
+            total += numel * (12 + p.element_size())
+    ema = getattr(module, "ema_weights", None)
+    if ema is not None:
+        total += state_bytes(ema.module.state_dict())
+    return total
 
 
 def _is_sharded(trainer) -> bool:
