@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import mmap
+import multiprocessing as mp
 import os
 import pickle
 import tarfile
@@ -69,26 +70,30 @@ def cache(tmp_path, monkeypatch) -> Path:
 
 
 class _Spy:
-    """Counts tar opens (header scans) and .json reads while it is installed."""
+    """Counts tar opens (header scans) and .json reads while it is installed, in this process and
+    in the processes a build forks (the counters are shared memory)."""
 
     def __init__(self, monkeypatch):
-        self.tar_opens = self.json_reads = 0
+        self._opens, self._reads = mp.Value("l", 0), mp.Value("l", 0)
         real_open, real_read = tarfile.open, MemberReader.read
 
         def tar_open(*args, **kwargs):
-            self.tar_opens += 1
+            with self._opens.get_lock():
+                self._opens.value += 1
             return real_open(*args, **kwargs)
 
         def read(reader, ref, exts=None):
-            self.json_reads += exts is not None and "json" in exts
+            if exts is not None and "json" in exts:
+                with self._reads.get_lock():
+                    self._reads.value += 1
             return real_read(reader, ref, exts)
 
         monkeypatch.setattr(tarfile, "open", tar_open)
         monkeypatch.setattr(MemberReader, "read", read)
 
     def take(self) -> tuple[int, int]:
-        taken = (self.tar_opens, self.json_reads)
-        self.tar_opens = self.json_reads = 0
+        taken = (self._opens.value, self._reads.value)
+        self._opens.value = self._reads.value = 0
         return taken
 
 
@@ -144,11 +149,13 @@ def test_the_index_is_built_once_then_mapped_with_its_bucket_sizes(shards, cache
 
 def test_the_cached_index_equals_a_fresh_scan(shards, cache):
     fresh = build_index(shards)
+    fresh.size_row, fresh.size_rows = index_cache.read_sizes(fresh)
     index_cache.load_index(shards)
     cached = index_cache.load_index(shards)
-    _same(cached, fresh)
-    for name, a in fresh.arrays().items():
-        assert np.array_equal(getattr(cached, name), a), name
+    for index in (cached, index_cache.build_sized_index(shards, processes=3)):  # shards split over processes
+        _same(index, fresh)
+        for name, a in fresh.arrays().items():
+            assert np.array_equal(getattr(index, name), a), name
     spawned = pickle.loads(pickle.dumps(cached))  # a spawned worker maps the file again, it gets no copy
     assert _mmap_backed(spawned.shard) and spawned.file == cached.file
     _same(spawned, fresh)

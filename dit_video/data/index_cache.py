@@ -29,10 +29,13 @@ import functools
 import hashlib
 import json
 import logging
+import multiprocessing as mp
 import os
 import stat
 import tempfile
 import time
+from array import array
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -40,11 +43,13 @@ import numpy as np
 
 from dit_video.data import index as index_module
 from dit_video.data import index_table, samples
-from dit_video.data.index import MemberReader, build_index
+from dit_video.data.index import MemberReader, build_index, scan_shard
 from dit_video.data.index_table import (
     SIZE_COLUMNS,
     SIZE_STATUS,
+    IndexBuilder,
     IndexFileError,
+    SampleRef,
     ShardIndex,
     open_index_file,
     write_index_file,
@@ -56,6 +61,7 @@ from dit_video.files import atomic_write
 logger = logging.getLogger("dit_video.data.dataset")
 
 RACY_SECONDS = 2.0  # coarser than any file system's timestamps (FAT's are 2 s; ext4, xfs, NFSv4: ns to ms)
+MIN_SHARDS_PER_PROCESS = 4  # below this a build stays in one process (forking costs more than it saves)
 
 
 def default_cache_dir() -> Path:
@@ -127,9 +133,7 @@ def _try_open(path: Path, key: str, shards: list[str], sizes: list[int]) -> tupl
 
 def _build_and_write(path: Path, key: str, shards: list[str], required, sizes: bool) -> ShardIndex:
     start = time.perf_counter()
-    index = build_index(shards, required)
-    if sizes:
-        index.size_row, index.size_rows = read_sizes(index)
+    index = build_sized_index(shards, required, sizes=sizes)
     try:
         atomic_write(path, lambda tmp: write_index_file(tmp, index, key))
     except OSError as exn:
@@ -138,32 +142,76 @@ def _build_and_write(path: Path, key: str, shards: list[str], required, sizes: b
     return index
 
 
+def build_sized_index(shards: Sequence[str], required: Sequence[str] | None = None, *, sizes: bool = True,
+                      processes: int | None = None) -> ShardIndex:
+    """index.build_index, plus each sample's size metadata (read_sizes), with the shards split over
+    `processes` forked processes (default: every core this process may use, for 8+ shards).
+
+    The same index as the sequential scan, in the same order: shards are merged in their order."""
+    shards = list(shards)
+    if processes is None:
+        processes = min(len(os.sched_getaffinity(0)), len(shards) // MIN_SHARDS_PER_PROCESS)
+    if mp.current_process().daemon:  # a DataLoader worker may not fork processes of its own
+        processes = 1
+    builder, rows, size_row = IndexBuilder(shards), {}, array("i")
+    jobs = [(i, path, required, sizes) for i, path in enumerate(shards)]
+    # fork, as DataLoader starts its workers: nothing is re-imported, and the parent's shard list
+    # is not sent (each job carries one path; each answer is one shard's samples).
+    with (mp.get_context("fork").Pool(processes) if processes > 1 else contextlib.nullcontext()) as pool:
+        for refs, skips, found in (pool.imap(_index_shard, jobs) if pool else map(_index_shard, jobs)):
+            for ref in refs:
+                builder.add(ref)
+            builder.skipped_by_reason.update(skips)
+            size_row.extend(rows.setdefault(row, len(rows)) for row in found)
+    index = builder.finish()
+    if sizes:
+        index.size_row = np.array(size_row, np.int32)  # [N]
+        index.size_rows = np.array(list(rows), np.float64).reshape(-1, SIZE_COLUMNS)  # [R, 6]
+    return index
+
+
+def _index_shard(job) -> tuple[list[SampleRef], Counter, list[tuple]]:
+    """One shard's samples, skips and (if asked) size rows: the unit of work of a build."""
+    i, path, required, sizes = job
+    refs, skips = scan_shard(path, i, required)
+    found = []
+    if sizes:
+        reader = MemberReader([path])
+        try:
+            found = [_size_row(reader, SampleRef(0, ref.key, ref.members)) for ref in refs]
+        finally:
+            reader.close()
+    return refs, skips, found
+
+
 def read_sizes(index: ShardIndex) -> tuple[np.ndarray, np.ndarray]:
     """Each sample's size metadata from its .json, for bucketing: (size_row int32 [N], size_rows
-    float64 [R, 6]), rows (status, width, height, frames, fps, is_image), one per distinct value.
-
-    status is an index into SIZE_STATUS: "ok", or why the sample cannot be bucketed: "bad_json"
-    (unreadable), "bad_meta" (a size that lies: samples.size_of), "no_bucket" (no .json, or a
-    size field missing). Each such sample is logged here, once."""
+    float64 [R, 6]): rows (status, width, height, frames, fps, is_image), one per distinct value."""
     rows: dict[tuple, int] = {}
     size_row = np.empty(len(index), np.int32)  # [N]
     reader = MemberReader(index.shards)
     try:
         for i, ref in enumerate(index.samples):
-            is_image = video_ext_of(ref.members) is None
-            try:
-                meta = read_meta(reader.read(ref, ("json",))) or {}
-                row = (SIZE_STATUS.index("ok"), *size_of(meta, is_image), is_image)
-            except SampleError as err:  # bad_json, bad_meta
-                row = (SIZE_STATUS.index(err.reason), 0, 0, 0, 0.0, is_image)
-                logger.warning("skipped sample %r: %s (%s)", ref.key, err.reason, err.detail)
-            except (KeyError, TypeError, OSError, EOFError) as exn:
-                row = (SIZE_STATUS.index("no_bucket"), 0, 0, 0, 0.0, is_image)
-                logger.warning("sample %r has no usable size metadata (%s): left out of the buckets", ref.key, exn)
-            size_row[i] = rows.setdefault(row, len(rows))
+            size_row[i] = rows.setdefault(_size_row(reader, ref), len(rows))
     finally:
         reader.close()
     return size_row, np.array(list(rows), dtype=np.float64).reshape(-1, SIZE_COLUMNS)  # [R, 6]
+
+
+def _size_row(reader: MemberReader, ref: SampleRef) -> tuple:
+    """(status, width, height, frames, fps, is_image) of one sample. status indexes SIZE_STATUS:
+    "ok", or why the sample cannot be bucketed: "bad_json" (unreadable), "bad_meta" (a size that
+    lies: samples.size_of), "no_bucket" (no .json, or a size field missing); logged here, once."""
+    is_image = video_ext_of(ref.members) is None
+    try:
+        meta = read_meta(reader.read(ref, ("json",))) or {}
+        return (SIZE_STATUS.index("ok"), *size_of(meta, is_image), is_image)
+    except SampleError as err:  # bad_json, bad_meta
+        logger.warning("skipped sample %r: %s (%s)", ref.key, err.reason, err.detail)
+        return (SIZE_STATUS.index(err.reason), 0, 0, 0, 0.0, is_image)
+    except (KeyError, TypeError, OSError, EOFError) as exn:
+        logger.warning("sample %r has no usable size metadata (%s): left out of the buckets", ref.key, exn)
+        return (SIZE_STATUS.index("no_bucket"), 0, 0, 0, 0.0, is_image)
 
 
 def _sha256(obj) -> str:
