@@ -1,9 +1,9 @@
 """The sample index as flat arrays, and the file they are memory-mapped from.
 
 index.py finds the samples of a shard set; this is how they are held. A list of SampleRef
-dataclasses costs ~0.7 kB of Python objects a sample (7 GB per process for 10M WebVid clips),
+dataclasses costs ~0.4 kB of Python objects a sample (4 GB per process for 10M WebVid clips),
 and a forked DataLoader worker copies those pages one by one as reference counts change. A
-ShardIndex keeps the same content in numpy arrays that are never written once built (~80 bytes
+ShardIndex keeps the same content in numpy arrays that are never written once built (~90 bytes
 a sample of three members), so one file of them, memory-mapped, is shared through the page
 cache by every rank and worker of a node (index_cache.py decides when and where):
 
