@@ -35,7 +35,6 @@ import stat
 import tempfile
 import time
 from array import array
-from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -94,7 +93,11 @@ def load_index(shards: Sequence[str], required: Sequence[str] | None = None, *, 
     except OSError:  # a shard vanished since it was listed: the scan counts it (bad_tar)
         return build_index(shards, required)
     settled = time.time_ns() - int(RACY_SECONDS * 1e9)
-    if folder is None or any(max(st.st_mtime_ns, st.st_ctime_ns) > settled for st in stats):
+    fresh = [s for s, st in zip(shards, stats, strict=True) if max(st.st_mtime_ns, st.st_ctime_ns) > settled]
+    if fresh:
+        logger.info("index of %d shards not cached: %s changed less than %g s ago", len(shards), fresh[0],
+                    RACY_SECONDS)
+    if folder is None or fresh:
         return build_index(shards, required)
     paths = [os.path.abspath(s) for s in shards]
     what = {"code": code_version(), "required": list(required) if required else None, "sizes": sizes}
@@ -145,7 +148,8 @@ def _build_and_write(path: Path, key: str, shards: list[str], required, sizes: b
 def build_sized_index(shards: Sequence[str], required: Sequence[str] | None = None, *, sizes: bool = True,
                       processes: int | None = None) -> ShardIndex:
     """index.build_index, plus each sample's size metadata (read_sizes), with the shards split over
-    `processes` forked processes (default: every core this process may use, for 8+ shards).
+    `processes` forked processes (default: every core this process may use, with at least
+    MIN_SHARDS_PER_PROCESS shards each).
 
     The same index as the sequential scan, in the same order: shards are merged in their order."""
     shards = list(shards)
@@ -154,15 +158,15 @@ def build_sized_index(shards: Sequence[str], required: Sequence[str] | None = No
     if mp.current_process().daemon:  # a DataLoader worker may not fork processes of its own
         processes = 1
     builder, rows, size_row = IndexBuilder(shards), {}, array("i")
-    jobs = [(i, path, required, sizes) for i, path in enumerate(shards)]
-    # fork, as DataLoader starts its workers: nothing is re-imported, and the parent's shard list
-    # is not sent (each job carries one path; each answer is one shard's samples).
+    jobs = [(path, required, sizes) for path in shards]
+    # fork, as DataLoader starts its workers: nothing is re-imported. Each job carries one path;
+    # each answer is that shard's index as arrays (no Python object per sample crosses processes).
     with (mp.get_context("fork").Pool(processes) if processes > 1 else contextlib.nullcontext()) as pool:
-        for refs, skips, found in (pool.imap(_index_shard, jobs) if pool else map(_index_shard, jobs)):
-            for ref in refs:
-                builder.add(ref)
-            builder.skipped_by_reason.update(skips)
-            size_row.extend(rows.setdefault(row, len(rows)) for row in found)
+        answers = pool.imap(_index_shard, jobs) if pool else map(_index_shard, jobs)
+        for i, (part, local_rows, local_row) in enumerate(answers):
+            builder.extend(part, i)
+            lookup = np.array([rows.setdefault(row, len(rows)) for row in local_rows], np.int32)  # [r] -> [R]
+            size_row.extend(lookup[local_row].tolist())
     index = builder.finish()
     if sizes:
         index.size_row = np.array(size_row, np.int32)  # [N]
@@ -170,18 +174,25 @@ def build_sized_index(shards: Sequence[str], required: Sequence[str] | None = No
     return index
 
 
-def _index_shard(job) -> tuple[list[SampleRef], Counter, list[tuple]]:
-    """One shard's samples, skips and (if asked) size rows: the unit of work of a build."""
-    i, path, required, sizes = job
-    refs, skips = scan_shard(path, i, required)
-    found = []
+def _index_shard(job) -> tuple[ShardIndex, list[tuple], np.ndarray]:
+    """One shard's index (as shard 0 of its own), and if asked its distinct size rows and the row
+    of each sample: the unit of work of a build."""
+    path, required, sizes = job
+    refs, skips = scan_shard(path, 0, required)
+    builder = IndexBuilder([path])
+    for ref in refs:
+        builder.add(ref)
+    builder.skipped_by_reason.update(skips)
+    rows: dict[tuple, int] = {}
     if sizes:
         reader = MemberReader([path])
         try:
-            found = [_size_row(reader, SampleRef(0, ref.key, ref.members)) for ref in refs]
+            local_row = np.array([rows.setdefault(_size_row(reader, ref), len(rows)) for ref in refs], np.int32)
         finally:
             reader.close()
-    return refs, skips, found
+    else:
+        local_row = np.zeros(0, np.int32)
+    return builder.finish(), list(rows), local_row
 
 
 def read_sizes(index: ShardIndex) -> tuple[np.ndarray, np.ndarray]:

@@ -165,6 +165,23 @@ class IndexBuilder:
         self._member_start.append(len(self._offset))
         self._hash.update(f"{os.path.basename(self.shards[ref.shard])}/{ref.key}\n".encode())
 
+    def extend(self, part: ShardIndex, shard: int) -> None:
+        """Append every sample of `part`, the index of shard `shard` alone (built in another
+        process): the same as add()ing its samples one by one."""
+        ext_ids = np.array([self._ext_ids.setdefault(e, len(self._ext_ids)) for e in part.exts], np.int32)
+        keys, starts = part.key_bytes.tobytes(), part.key_start.tolist()
+        prefix = f"{os.path.basename(self.shards[shard])}/".encode()
+        for a, b in zip(starts, starts[1:], strict=False):
+            self._hash.update(prefix + keys[a:b] + b"\n")
+        self._shard.frombytes(np.full(len(part), shard, np.int32).tobytes())
+        self._key_start.frombytes((part.key_start[1:] + len(self._keys)).astype(np.int64).tobytes())
+        self._keys += keys
+        self._member_start.frombytes((part.member_start[1:] + len(self._offset)).astype(np.int64).tobytes())
+        self._ext.frombytes(ext_ids[part.member_ext].astype(np.int32).tobytes())  # part's ext ids -> ours
+        self._offset.frombytes(part.member_offset.astype(np.int64).tobytes())
+        self._size.frombytes(part.member_size.astype(np.int64).tobytes())
+        self.skipped_by_reason.update(part.skipped_by_reason)
+
     def finish(self) -> ShardIndex:
         ext_dtype = np.uint8 if len(self._ext_ids) <= 256 else np.int32  # a hostile shard may have many
         arrays = {
