@@ -100,6 +100,19 @@ def rollup(pid: int | str = "self") -> dict[str, int]:
     return out
 
 
+def mapping(path: str) -> dict[str, int]:
+    """/proc/self/smaps fields (kB) summed over this process's mappings of the file `path`."""
+    out: dict[str, int] = {}
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        name, _, value = line.partition(":")
+        if not name.isidentifier():  # a mapping's header: "address perms offset dev inode path"
+            inside = line.endswith(" " + path)
+        elif inside and value.strip().endswith("kB"):
+            out[name] = out.get(name, 0) + int(value.split()[0])
+    return out
+
+
 _HELD = None  # what forked workers inherit: the mapped ShardIndex, or the old list of SampleRef
 
 
@@ -113,13 +126,16 @@ def _worker(barrier, queue) -> None:
     before = rollup()
     _touch(_HELD)
     barrier.wait()  # all workers hold their pages before any is measured (PSS divides by sharers)
-    after = rollup()
+    after, mapped = rollup(), ({} if isinstance(_HELD, list) else mapping(_HELD.file))
     barrier.wait()
-    queue.put({k: after[k] - before[k] for k in ("Rss", "Pss", "Private_Clean", "Private_Dirty")})
+    queue.put({"private": after["Private_Clean"] + after["Private_Dirty"] - before["Private_Clean"]
+               - before["Private_Dirty"], "file_rss": mapped.get("Rss", 0), "file_pss": mapped.get("Pss", 0)})
 
 
 def worker_memory(held, workers: int) -> dict[str, float]:
-    """Mean growth (MB) of each forked worker's memory while it touches `held`."""
+    """Per forked worker (mean, MB), `workers` at once: private pages gained while touching all of
+    `held` (pages copied from the parent: its own memory), and for a mapped index the resident
+    size and proportional share (PSS) of the index file's pages."""
     global _HELD
     _HELD = held
     ctx = mp.get_context("fork")
@@ -131,9 +147,7 @@ def worker_memory(held, workers: int) -> dict[str, float]:
     for p in procs:
         p.join()
     _HELD = None
-    mean = {k: sum(g[k] for g in grown) / len(grown) / 1024 for k in grown[0]}
-    return {"rss": mean["Rss"], "pss": mean["Pss"], "uss": mean["Private_Clean"] + mean["Private_Dirty"],
-            "copied": mean["Private_Dirty"]}
+    return {k: sum(g[k] for g in grown) / len(grown) / 1024 for k in grown[0]}
 
 
 # --- timings -----------------------------------------------------------------------------------
@@ -229,16 +243,21 @@ def main() -> None:
     before_s = build["scan"] + build["sizes"]
     print(row("before: every rank scans + reads .json", f"{before_s:.1f} s", f"{before_s * scale / 60:.0f} min x 64 ranks"))
     print(row("cache file in the page cache, per node", f"{file_mb:.0f} MB", f"{file_mb * scale / 1024:.2f} GB"))
-    for name, mem in (("mapped arrays", new_mem), ("old list of SampleRef", old_mem)):
-        if mem is None:
-            continue
-        for what in ("rss", "pss", "uss", "copied"):
-            print(row(f"per worker, {name}: {what}", f"{mem[what]:.0f} MB", f"{mem[what] * scale / 1024:.2f} GB"))
+    gb = scale / 1024
+    print(row(f"per worker ({args.workers} forked), mapped: resident", f"{new_mem['file_rss']:.0f} MB",
+              f"{new_mem['file_rss'] * gb:.2f} GB"))
+    print(row("per worker, mapped: PSS (share of page cache)", f"{new_mem['file_pss']:.0f} MB",
+              f"{new_mem['file_pss'] * gb:.2f} GB"))
+    print(row("per worker, mapped: private (copied) pages", f"{new_mem['private']:.1f} MB",
+              f"{new_mem['private'] * gb:.2f} GB"))
     if old_mem is not None:
-        node_old = list_mb * scale / 1024 * GPUS_PER_NODE + old_mem["copied"] * scale / 1024 * GPUS_PER_NODE * args.workers
-        node_new = file_mb * scale / 1024 + new_mem["copied"] * scale / 1024 * procs_per_node
-        print(row("old list per rank (parent process)", f"{list_mb:.0f} MB", f"{list_mb * scale / 1024:.1f} GB"))
-        print(row(f"index memory per node ({procs_per_node} processes)", "", f"{node_old:.0f} GB -> {node_new:.1f} GB"))
+        print(row("before: list of SampleRef per rank", f"{list_mb:.0f} MB", f"{list_mb * gb:.1f} GB"))
+        print(row("before: per worker, private (copied) pages", f"{old_mem['private']:.0f} MB",
+                  f"{old_mem['private'] * gb:.1f} GB"))
+        node_old = (list_mb + args.workers * old_mem["private"]) * gb * GPUS_PER_NODE
+        node_new = file_mb * gb + new_mem["private"] * gb * procs_per_node
+        print(row(f"index memory per node ({procs_per_node} processes)", "",
+                  f"{node_old:.0f} GB -> {node_new:.1f} GB"))
     print("(timings on a shared machine are noisy; memory figures are not)")
 
 
