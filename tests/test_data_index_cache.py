@@ -53,12 +53,19 @@ def _sized_shard(path: Path, first: int, count: int, prefix: str = "s") -> None:
 
 @pytest.fixture
 def shards(tmp_path) -> list[str]:
+    """Three shards of 20 samples of several sizes (a few without usable size metadata)."""
     root = tmp_path / "shards"
     root.mkdir()
     for s in range(3):
         _sized_shard(root / f"sized-{s}.tar", 20 * s, 20)
-    write_corpus(root, HOSTILE)
     return sorted(str(p) for p in root.glob("*.tar"))
+
+
+@pytest.fixture
+def mixed(shards) -> list[str]:
+    """`shards`, and hostile shards beside them (every skip reason of the index and of the sizes)."""
+    write_corpus(Path(shards[0]).parent, HOSTILE)
+    return sorted(str(p) for p in Path(shards[0]).parent.glob("*.tar"))
 
 
 @pytest.fixture
@@ -131,28 +138,28 @@ def _reference_buckets(shards: list[str]) -> tuple[np.ndarray, Counter]:
     return np.array(out), index.skipped_by_reason + bad
 
 
-def test_the_index_is_built_once_then_mapped_with_its_bucket_sizes(shards, cache, monkeypatch):
+def test_the_index_is_built_once_then_mapped_with_its_bucket_sizes(mixed, cache, monkeypatch):
     spy = _Spy(monkeypatch)
-    first = _dataset(shards)
+    first = _dataset(mixed)
     opens, reads = spy.take()
-    assert opens >= len(shards) and reads == len(first.index)  # built: every header scanned, every .json read
-    second = _dataset(shards)
+    assert opens >= len(mixed) and reads == len(first.index)  # built: every header scanned, every .json read
+    second = _dataset(mixed)
     assert spy.take() == (0, 0)  # mapped: no tar opened, no .json read
     assert _mmap_backed(second.index.member_offset) and second.index.file is not None
     assert second.index.file.startswith(str(cache)) and len(list(cache.glob("*.index"))) == 1
-    reference, skips = _reference_buckets(shards)
+    reference, skips = _reference_buckets(mixed)
     assert np.array_equal(first.bucket_of, reference) and np.array_equal(second.bucket_of, reference)
     assert dict(second.index.skipped_by_reason) == dict(skips)
     assert {"bad_json", "bad_meta", "no_bucket", "bad_tar", "unsafe_name"} <= set(skips)  # the cases are exercised
     assert len(set(reference.tolist())) >= 4  # several buckets are chosen, images included
 
 
-def test_the_cached_index_equals_a_fresh_scan(shards, cache):
-    fresh = build_index(shards)
+def test_the_cached_index_equals_a_fresh_scan(mixed, cache):
+    fresh = build_index(mixed)
     fresh.size_row, fresh.size_rows = index_cache.read_sizes(fresh)
-    index_cache.load_index(shards)
-    cached = index_cache.load_index(shards)
-    for index in (cached, index_cache.build_sized_index(shards, processes=3)):  # shards split over processes
+    index_cache.load_index(mixed)
+    cached = index_cache.load_index(mixed)
+    for index in (cached, index_cache.build_sized_index(mixed, processes=3)):  # shards split over processes
         _same(index, fresh)
         for name, a in fresh.arrays().items():
             assert np.array_equal(getattr(index, name), a), name
@@ -164,8 +171,7 @@ def test_the_cached_index_equals_a_fresh_scan(shards, cache):
 def test_a_changed_shard_or_index_code_invalidates_the_cache(shards, cache, monkeypatch):
     index_cache.load_index(shards)
     spy = _Spy(monkeypatch)
-    sized = [s for s in shards if "sized-" in s]
-    with open(sized[0], "r+b") as f:  # a sample added in place
+    with open(shards[0], "r+b") as f:  # a sample added in place
         f.seek(-1024, os.SEEK_END)
         f.write(sample("added", b"\0" * 40) + end())
     changed = index_cache.load_index(shards)
@@ -173,11 +179,11 @@ def test_a_changed_shard_or_index_code_invalidates_the_cache(shards, cache, monk
     _same(changed, build_index(shards))
     spy.take()
     # Other keys of the same length, written under a new inode with the old mtime put back: a change.
-    st = os.stat(sized[1])
-    _sized_shard(Path(sized[1] + ".new"), 20, 20, prefix="t")
-    assert os.stat(sized[1] + ".new").st_size == st.st_size
-    os.replace(sized[1] + ".new", sized[1])
-    os.utime(sized[1], ns=(st.st_atime_ns, st.st_mtime_ns))
+    st = os.stat(shards[1])
+    _sized_shard(Path(shards[1] + ".new"), 20, 20, prefix="t")
+    assert os.stat(shards[1] + ".new").st_size == st.st_size
+    os.replace(shards[1] + ".new", shards[1])
+    os.utime(shards[1], ns=(st.st_atime_ns, st.st_mtime_ns))
     assert "t0020" in [s.key for s in index_cache.load_index(shards).samples] and spy.take()[0] > 0
     index_cache.load_index(shards)
     assert spy.take()[0] == 0
