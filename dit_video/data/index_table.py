@@ -1,9 +1,9 @@
 """The sample index as flat arrays, and the file they are memory-mapped from.
 
 index.py finds the samples of a shard set; this is how they are held. A list of SampleRef
-dataclasses costs ~0.4 kB of Python objects a sample (4 GB per process for 10M WebVid clips),
+dataclasses costs ~0.6 kB of Python objects a sample (6 GB per process for 10M WebVid clips),
 and a forked DataLoader worker copies those pages one by one as reference counts change. A
-ShardIndex keeps the same content in numpy arrays that are never written once built (~90 bytes
+ShardIndex keeps the same content in numpy arrays that are never written once built (~85 bytes
 a sample of three members), so one file of them, memory-mapped, is shared through the page
 cache by every rank and worker of a node (index_cache.py decides when and where):
 
@@ -112,8 +112,8 @@ class ShardIndex:
         return {name: a for name, a in out.items() if a is not None}
 
     def __reduce__(self):
-        # A spawned worker maps the same file again (already checked by its parent, so only the
-        # digest prefix is compared) instead of receiving a copy of every array.
+        # A spawned worker maps the same file again instead of receiving a copy of every array (its
+        # parent hashed the file: the worker compares the stored digest, and re-checks the rest).
         if self.file is not None:
             return _reopen, (self.file, self._key, self.shards, dict(self.skipped_by_reason), self._digest)
         return ShardIndex, (self.shards, self.arrays(), self.exts, dict(self.skipped_by_reason), self._fingerprint)
