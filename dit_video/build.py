@@ -34,7 +34,8 @@ from dit_video.encoders.text import minilm_path
 from dit_video.encoders.text_concat import build_text_encoder as build_text_encoders
 from dit_video.errors import CheckpointError, ConfigError
 from dit_video.model import DIT_PRESETS, DiT, DiTConfig
-from dit_video.parallel import SP_ATTENTIONS, StrategyConfig
+from dit_video.parallel import SP_ATTENTIONS
+from dit_video.strategies import StrategyConfig
 
 
 def _minilm_path() -> str:

@@ -171,7 +171,7 @@ class NonFiniteGuard(Callback):
 
     def _deepspeed_verdict(self, trainer) -> None:
         """DeepSpeed's ZeRO optimizer skips a step with a non-finite gradient itself (its global norm
-        is inf/NaN; parallel.deepspeed_config keeps the check on in bf16) and leaves weights and
+        is inf/NaN; strategies.deepspeed_config keeps the check on in bf16) and leaves weights and
         optimizer state untouched; `was_step_applied` says whether it did, the same on every rank."""
         self._skipped_this_step = not trainer.model.was_step_applied()
         if self._skipped_this_step:

@@ -67,8 +67,8 @@ from dit_video.identity import run_metadata, write_environment
 from dit_video.lit_module import DiTModule, OptimConfig, VAEModule
 from dit_video.loggers import build_logger
 from dit_video.model import DiT
-from dit_video.parallel import StrategyConfig, lightning_strategy
 from dit_video.plots import plot_loss_curve
+from dit_video.strategies import StrategyConfig, lightning_strategy
 
 log = logging.getLogger("dit_video")
 

@@ -1,4 +1,4 @@
-"""DeepSpeed ZeRO-2/3: the config `dit_video.parallel.deepspeed_config` generates from
+"""DeepSpeed ZeRO-2/3: the config `dit_video.strategies.deepspeed_config` generates from
 conf/strategy/deepspeed_*.yaml passes Lightning's own DeepSpeedStrategy checks; ZeRO-3 offload
 initialises with plain `deepspeed.initialize` on 2 CPU processes (torchrun, gloo) and trains the
 DiT with our AdamW and objective (slow). ZeRO-3 given the whole DiTModule partitions the DiT but
@@ -34,7 +34,7 @@ def worker(out: str, stage: int, offload: bool) -> None:
     from dit_video.diffusion import build_objective
     from dit_video.lit_module import OptimConfig, build_optimizer
     from dit_video.model import DiT, DiTConfig
-    from dit_video.parallel import StrategyConfig, deepspeed_config
+    from dit_video.strategies import StrategyConfig, deepspeed_config
 
     torch.set_num_threads(1)
     deepspeed.init_distributed(dist_backend="gloo")
@@ -158,7 +158,8 @@ def frozen_encoders_worker(out: str, vae_dir: str) -> None:
     from dit_video.encoders import HFTextEncoder, load_vae, minilm_path
     from dit_video.lit_module import DiTModule, OptimConfig, build_optimizer
     from dit_video.model import DiT, DiTConfig
-    from dit_video.parallel import StrategyConfig, deepspeed_config, parallelize_dit_module
+    from dit_video.parallel import parallelize_dit_module
+    from dit_video.strategies import StrategyConfig, deepspeed_config
 
     torch.set_num_threads(1)
     deepspeed.init_distributed(dist_backend="gloo")

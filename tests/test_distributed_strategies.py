@@ -12,8 +12,9 @@ from hydra import compose, initialize_config_dir
 
 from dit_video.build import build_parallel
 from dit_video.errors import ConfigError
-from dit_video.parallel import ParallelConfig, StrategyConfig, parallelize
+from dit_video.parallel import ParallelConfig, parallelize
 from dit_video.run import build_strategy
+from dit_video.strategies import StrategyConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 STRATEGIES = sorted(p.stem for p in (ROOT / "conf" / "strategy").glob("*.yaml"))

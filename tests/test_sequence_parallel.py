@@ -117,8 +117,8 @@ def test_sequence_parallel_config_errors():
 
     from dit_video.build import build_parallel
     from dit_video.errors import ConfigError
-    from dit_video.parallel import StrategyConfig
     from dit_video.run import build_strategy
+    from dit_video.strategies import StrategyConfig
 
     def compose_train(*overrides):
         with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):

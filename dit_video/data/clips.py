@@ -19,9 +19,10 @@ from dit_video.data.buckets import Bucket, assign_bucket
 from dit_video.data.config import CROP_MODES, resolve_shards
 from dit_video.data.dataset import PlannedShardDataset
 from dit_video.data.decode import BACKENDS, TimedCall, decode_clip, decode_image, resize_crop
-from dit_video.data.index import MemberReader, ShardIndex, build_index
+from dit_video.data.index_cache import load_index, read_sizes
+from dit_video.data.index_table import SIZE_STATUS, ShardIndex
 from dit_video.data.packing import collate_packed, pack_epoch, pack_epoch_decreasing
-from dit_video.data.samples import collate_clips, image_ext_of, read_caption, read_meta, size_of, video_ext_of
+from dit_video.data.samples import collate_clips, image_ext_of, read_caption, read_meta, video_ext_of
 from dit_video.errors import SampleError
 
 logger = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ class VideoShardDataset(PlannedShardDataset):
         self.timed = TimedCall(decode_timeout)
         if buckets is None:
             buckets = [Bucket(num_frames, self.size[0], self.size[1], batch_size)]
-        index = index if index is not None else build_index(urls)
+        index = index if index is not None else load_index(urls)
         bucket_of = self._assign(index, buckets, fps) if len(buckets) > 1 else np.zeros(len(index), np.int64)
         super().__init__(index, bucket_of, buckets, seed=seed, infinite=infinite, shuffle=shuffle_buffer > 0,
                          batched=batched, rank=rank, world_size=world_size, start=start, image_ratio=image_ratio,
@@ -65,23 +66,22 @@ class VideoShardDataset(PlannedShardDataset):
 
     @staticmethod
     def _assign(index: ShardIndex, buckets: Sequence[Bucket], fps: float | None) -> np.ndarray:
-        """Bucket per sample from its .json metadata (width, height, frames, fps); -1 = none fits."""
-        out = np.full(len(index), -1, dtype=np.int64)
-        reader = MemberReader(index.shards)
+        """Bucket per sample from its .json size metadata (width, height, frames, fps), as the
+        index holds it (read once, when it was built: index_cache.read_sizes); -1 = none fits."""
+        if index.size_row is None:  # an index scanned in memory: read the .json members now
+            index.size_row, index.size_rows = read_sizes(index)
+        rows = index.size_rows.tolist()  # [R] distinct (status, width, height, frames, fps, is_image)
+        row_bucket = np.full(len(rows), -1, dtype=np.int64)  # [R]
+        for r, (status, width, height, frames, source_fps, is_image) in enumerate(rows):
+            if status == SIZE_STATUS.index("ok"):
+                row_bucket[r] = assign_bucket(buckets, int(width), int(height), int(frames), source_fps, fps,
+                                              bool(is_image))
+        out = row_bucket[index.size_row]  # [N]
+        samples_per_row = np.bincount(index.size_row, minlength=len(rows))  # [R]
         bad: Counter = Counter()  # samples whose metadata is unreadable or lies, by reason
-        for i, ref in enumerate(index.samples):
-            try:
-                meta = read_meta(reader.read(ref, ("json",))) or {}
-                is_image = video_ext_of(ref.members) is None
-                width, height, frames, source_fps = size_of(meta, is_image)
-                out[i] = assign_bucket(buckets, width, height, frames, source_fps, fps, is_image)
-            except SampleError as err:  # bad_json, bad_meta
-                bad[err.reason] += 1
-                logger.warning("skipped sample %r: %s (%s)", ref.key, err.reason, err.detail)
-            except (KeyError, TypeError, OSError, EOFError) as exn:
-                bad["no_bucket"] += 1
-                logger.warning("sample %r has no usable size metadata (%s): left out of the buckets", ref.key, exn)
-        reader.close()
+        for (status, *_), n in zip(rows, samples_per_row.tolist(), strict=True):
+            if SIZE_STATUS[int(status)] != "ok":
+                bad[SIZE_STATUS[int(status)]] += n
         bad["no_bucket"] += int((out < 0).sum()) - sum(bad.values())  # and those that fit no bucket
         index.skipped_by_reason.update(+bad)
         return out

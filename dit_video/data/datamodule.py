@@ -21,7 +21,7 @@ from dit_video.data.buckets import image_buckets
 from dit_video.data.clips import PackedVideoShardDataset, VideoShardDataset
 from dit_video.data.config import VideoDataConfig, resolve_shards
 from dit_video.data.dataset import dist_info
-from dit_video.data.index import build_index
+from dit_video.data.index_cache import load_index
 from dit_video.data.packing import TokensPerClip, bucket_tokens
 
 logger = logging.getLogger(__name__)
@@ -130,7 +130,7 @@ class VideoDataModule(ResumableDataModule):
         rank, world = self._rank_world()
         self.train_world_size = world
         urls = resolve_shards(cfg.shards)
-        index = build_index(urls)
+        index = load_index(urls)
         start = self._start(index.fingerprint(), cfg.seed)
         if cfg.packing.enabled:
             return self._packed_train_dataset(urls, index, start, rank, world)

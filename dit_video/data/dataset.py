@@ -1,6 +1,7 @@
 """Shards -> batches of clips: the training and validation input pipeline, exactly resumable.
 
-    shard paths --(scan headers once: index.py)--> sample index [N] --(bucket per sample)-->
+    shard paths --(scan headers once per node, mapped by every rank and worker: index.py,
+    index_cache.py)--> sample index [N] --(bucket per sample)-->
     global batches of the epoch (order.py: f(seed, epoch)) --(rank r takes start + s*W + r;
     worker w takes steps s = w mod num_workers)--> read members by offset --> decode + crop
     --> collate --> {"clip", "caption", "key", "skipped", "skipped_by_reason", "position"}
@@ -50,8 +51,8 @@ clips.py, samples.py): never unpickled, never `pipe:`.
 Bad samples are skipped, never fatal, and counted by reason: structural problems once, when the
 index is built (index.py: bad_tar, unsafe_name, bad_name, not_a_file, sparse_member, too_large,
 non_contiguous_key, stray_member, duplicate_member, missing_video), size metadata when buckets
-are assigned (clips.py: bad_json, bad_meta, no_bucket), content problems when read
-(decode_error, decode_timeout, too_short, too_large, empty_caption, bad_caption, bad_json,
+are assigned from the sizes the index holds (clips.py: bad_json, bad_meta, no_bucket), content
+problems when read (decode_error, decode_timeout, too_short, too_large, empty_caption, bad_caption, bad_json,
 shard_changed: a member cut short since the index was built). A training batch replaces a bad sample by a
 deterministic draw from the same bucket, so batch shapes and the order stay exact; validation
 just yields fewer. Counts ride on the next batch (`skipped`, `skipped_by_reason`), so they reach

@@ -28,13 +28,13 @@ extended headers is damage (bad_tar), never an allocation, a seek past the file 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import tarfile
 from collections import Counter, OrderedDict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+
+from dit_video.data.index_table import IndexBuilder, SampleRef, ShardIndex
 
 logger = logging.getLogger("dit_video.data.dataset")  # skips are logged where the reader logs them
 
@@ -72,35 +72,6 @@ def is_utf8(name: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
-
-
-@dataclass(frozen=True)
-class SampleRef:
-    """One sample: its shard (index into ShardIndex.shards), key and members {ext: (offset, size)}."""
-
-    shard: int
-    key: str
-    members: dict[str, tuple[int, int]]
-
-
-@dataclass
-class ShardIndex:
-    """Every usable sample of a shard set, in shard order then tar order (the canonical order the
-    epoch permutation is applied to), and the structural skips found while scanning."""
-
-    shards: list[str]
-    samples: list[SampleRef]
-    skipped_by_reason: Counter = field(default_factory=Counter)
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def fingerprint(self) -> str:
-        """Short hash of (shard names, keys): a resumed run checks it still reads the same data."""
-        h = hashlib.sha256()
-        for s in self.samples:
-            h.update(f"{os.path.basename(self.shards[s.shard])}/{s.key}\n".encode())
-        return h.hexdigest()[:16]
 
 
 def _default_usable(members: dict) -> bool:
@@ -296,14 +267,15 @@ def scan_shard(path: str, shard_id: int, required: Sequence[str] | None = None) 
 
 
 def build_index(shards: Sequence[str], required: Sequence[str] | None = None) -> ShardIndex:
-    """Scan every shard (in the given order) into one ShardIndex."""
-    samples: list[SampleRef] = []
-    skips: Counter = Counter()
+    """Scan every shard (in the given order) into one ShardIndex (arrays, in memory; index_cache.py
+    builds it once per node and shares it)."""
+    builder = IndexBuilder(shards)
     for i, path in enumerate(shards):
         found, bad = scan_shard(path, i, required)
-        samples.extend(found)
-        skips.update(bad)
-    return ShardIndex(list(shards), samples, skips)
+        for ref in found:
+            builder.add(ref)
+        builder.skipped_by_reason.update(bad)
+    return builder.finish()
 
 
 class MemberReader:

@@ -43,7 +43,7 @@ from dit_video.data.buckets import Bucket
 from dit_video.data.config import resolve_shards
 from dit_video.data.datamodule import ResumableDataModule
 from dit_video.data.dataset import PlannedShardDataset, dist_info
-from dit_video.data.index import build_index
+from dit_video.data.index_cache import load_index
 from dit_video.data.samples import read_caption
 from dit_video.encoders.text import HFTextEncoder, detect_kind
 from dit_video.errors import SampleError
@@ -204,7 +204,7 @@ class LatentShardDataset(PlannedShardDataset):
                  start: tuple[int, int] = (0, 0), index=None):
         meta = read_cache_meta(cache)
         urls = resolve_shards(str(Path(cache) / "latents-*.tar"))
-        index = index if index is not None else build_index(urls, required=("safetensors",))
+        index = index if index is not None else load_index(urls, required=("safetensors",), sizes=False)
         t, (h, w) = meta["bucket"]["num_frames"], meta["bucket"]["size"]
         super().__init__(index, np.zeros(len(index), np.int64), [Bucket(t, h, w, batch_size)], seed=seed,
                          infinite=infinite, shuffle=shuffle, batched=True, rank=rank, world_size=world_size,
@@ -271,7 +271,8 @@ class LatentDataModule(ResumableDataModule):
         cfg.validate()
         rank, world = self._rank_world()
         self.train_world_size = world
-        index = build_index(resolve_shards(str(Path(cfg.cache) / "latents-*.tar")), required=("safetensors",))
+        index = load_index(resolve_shards(str(Path(cfg.cache) / "latents-*.tar")), required=("safetensors",),
+                           sizes=False)
         start = self._start(index.fingerprint(), cfg.seed)
         return LatentShardDataset(cfg.cache, cfg.batch_size, seed=cfg.seed, infinite=True,
                                   shuffle=cfg.shuffle_buffer > 0, rank=rank, world_size=world, start=start, index=index)
