@@ -319,3 +319,21 @@ def test_a_latent_index_has_its_own_cache_entry(tmp_path, cache):
     assert latent.file != video.file and latent.size_row is None
     _same(latent, build_index([str(shard)], required=("safetensors",)))
     assert [s.key for s in latent.samples] == ["a", "b", "c"] and len(video) == 0
+
+
+def test_the_parallel_build_finishes_in_a_process_whose_sigterm_handler_only_sets_a_flag(shards):
+    """Inside a training process SIGTERM sets a flag (Lightning's handler, or Preemption's). The
+    parallel build's pool used to end its workers with SIGTERM (Pool.__exit__ -> terminate), and
+    they inherited the handler: the build never returned. Checked in a child process with a timeout."""
+    import subprocess
+    import sys
+
+    # Pool.terminate() is what sends the SIGTERM: whether it wins the race with the workers' own
+    # exit depends on timing, so the child fails outright when the build calls it at all.
+    code = ("import os, signal, sys; signal.signal(signal.SIGTERM, lambda *a: None); "
+            "import multiprocessing.pool as mpp; mpp.Pool.terminate = lambda self: os._exit(3); "
+            "from dit_video.data.index_cache import build_sized_index; "
+            "print(len(build_sized_index(sys.argv[1:], processes=3)))")
+    out = subprocess.run([sys.executable, "-c", code, *shards], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parents[1], check=True).stdout
+    assert int(out) == len(build_index(shards))

@@ -31,6 +31,7 @@ import json
 import logging
 import multiprocessing as mp
 import os
+import signal
 import stat
 import tempfile
 import time
@@ -161,17 +162,32 @@ def build_sized_index(shards: Sequence[str], required: Sequence[str] | None = No
     jobs = [(path, required, sizes) for path in shards]
     # fork, as DataLoader starts its workers: nothing is re-imported. Each job carries one path;
     # each answer is that shard's index as arrays (no Python object per sample crosses processes).
-    with (mp.get_context("fork").Pool(processes) if processes > 1 else contextlib.nullcontext()) as pool:
+    pool = mp.get_context("fork").Pool(processes, initializer=_default_signals) if processes > 1 else None
+    try:
         answers = pool.imap(_index_shard, jobs) if pool else map(_index_shard, jobs)
         for i, (part, local_rows, local_row) in enumerate(answers):
             builder.extend(part, i)
             lookup = np.array([rows.setdefault(row, len(rows)) for row in local_rows], np.int32)  # [r] -> [R]
             size_row.extend(lookup[local_row].tolist())
+    finally:
+        # close + join lets the workers exit on their own; Pool.__exit__ would terminate() them
+        # with SIGTERM, which hangs forever when the builder runs inside a training process whose
+        # SIGTERM handler only sets a flag (Lightning's, or dit_video.callbacks.Preemption).
+        if pool is not None:
+            pool.close()
+            pool.join()
     index = builder.finish()
     if sizes:
         index.size_row = np.array(size_row, np.int32)  # [N]
         index.size_rows = np.array(list(rows), np.float64).reshape(-1, SIZE_COLUMNS)  # [R, 6]
     return index
+
+
+def _default_signals() -> None:
+    """Pool workers die of SIGTERM/SIGINT as plain processes do: the training process they were
+    forked from may have handlers that only set a flag."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _index_shard(job) -> tuple[ShardIndex, list[tuple], np.ndarray]:
