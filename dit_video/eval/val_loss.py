@@ -46,8 +46,12 @@ class ValidationLoss(L.Callback):
             for i, batch in enumerate(loader):
                 if i >= c.max_batches:
                     break
-                latents = pl_module.encode_clips(batch["clip"].to(pl_module.device))  # [B, C, T', H', W']
-                text_emb, text_mask, pooled = pl_module.encode_text_pooled(list(batch["caption"]))
+                if "latents" in batch:  # a latent cache (data=latents): the encoders already ran
+                    latents, pooled = batch["latents"].float().to(pl_module.device), None  # [B, C, T', H', W']
+                    text_emb, text_mask = batch["text_emb"].to(pl_module.device), batch["text_mask"].to(pl_module.device)
+                else:
+                    latents = pl_module.encode_clips(batch["clip"].to(pl_module.device))  # [B, C, T', H', W']
+                    text_emb, text_mask, pooled = pl_module.encode_text_pooled(list(batch["caption"]))
                 _, aux = pl_module.objective.loss(dit, latents, text_emb, text_mask, generator=generator, pooled=pooled)
                 means, n = loss_by_t_bucket(aux["t"], aux["mse_per_sample"], k)
                 sums += torch.nan_to_num(means.double().cpu()) * n.cpu()
