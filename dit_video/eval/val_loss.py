@@ -35,38 +35,60 @@ class ValidationLoss(L.Callback):
     @torch.no_grad()
     def evaluate(self, trainer, pl_module) -> dict[str, float] | None:
         loader = trainer.datamodule.val_dataloader() if trainer.datamodule is not None else []
-        c, k = self.cfg, self.cfg.num_buckets
+        c = self.cfg
         dit = pl_module.ema if c.weights == "ema" else pl_module.dit
-        was_training = dit.training
-        dit.eval()
-        sums = torch.zeros(k, dtype=torch.float64)
-        counts = torch.zeros(k, dtype=torch.float64)
+
+        def encode(batch):
+            if "latents" in batch:  # a latent cache (data=latents): the encoders already ran
+                latents = batch["latents"].float().to(pl_module.device)  # [B, C, T', H', W']
+                return latents, batch["text_emb"].to(pl_module.device), batch["text_mask"].to(pl_module.device), None
+            latents = pl_module.encode_clips(batch["clip"].to(pl_module.device))  # [B, C, T', H', W']
+            return (latents, *pl_module.encode_text_pooled(list(batch["caption"])))
+
         generator = torch.Generator(pl_module.device).manual_seed(c.seed)
-        try:
-            for i, batch in enumerate(loader):
-                if i >= c.max_batches:
-                    break
-                if "latents" in batch:  # a latent cache (data=latents): the encoders already ran
-                    latents, pooled = batch["latents"].float().to(pl_module.device), None  # [B, C, T', H', W']
-                    text_emb, text_mask = batch["text_emb"].to(pl_module.device), batch["text_mask"].to(pl_module.device)
-                else:
-                    latents = pl_module.encode_clips(batch["clip"].to(pl_module.device))  # [B, C, T', H', W']
-                    text_emb, text_mask, pooled = pl_module.encode_text_pooled(list(batch["caption"]))
-                _, aux = pl_module.objective.loss(dit, latents, text_emb, text_mask, generator=generator, pooled=pooled)
-                means, n = loss_by_t_bucket(aux["t"], aux["mse_per_sample"], k)
-                sums += torch.nan_to_num(means.double().cpu()) * n.cpu()
-                counts += n.double().cpu()
-        finally:
-            dit.train(was_training)
+        sums, counts = bucket_loss_sums(dit, pl_module.objective, loader, encode, c.num_buckets, c.max_batches, generator)
         if rank_and_world()[1] > 1:
             both = torch.stack([sums, counts])
             torch.distributed.all_reduce(both)
             sums, counts = both[0], both[1]
-        if counts.sum() == 0:
-            return None
-        metrics = {"val/loss": float(sums.sum() / counts.sum())}
-        for name, s, n in zip(t_bucket_names(k, prefix="val/loss_t"), sums.tolist(), counts.tolist(), strict=True):
-            if n > 0:
-                metrics[name] = s / n
-        log_scalars(trainer, metrics)
+        metrics = loss_metrics(sums, counts)
+        if metrics is not None:
+            log_scalars(trainer, metrics)
         return metrics
+
+
+@torch.no_grad()
+def bucket_loss_sums(dit, objective, batches, encode, num_buckets: int, max_batches: int,
+                     generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Held-out loss of `dit` summed per t bucket over the first `max_batches` of `batches`:
+    (sums float64 [K], counts float64 [K]). encode(batch) -> (latents [B, C, T', H', W'], text_emb
+    [B, L, D], text_mask [B, L], pooled [B, P] or None). t and noise come from `generator` only, so
+    a generator seeded alike gives every set of weights the same t and noise (FastVideo #609)."""
+    sums = torch.zeros(num_buckets, dtype=torch.float64)
+    counts = torch.zeros(num_buckets, dtype=torch.float64)
+    was_training = dit.training
+    dit.eval()
+    try:
+        for i, batch in enumerate(batches):
+            if i >= max_batches:
+                break
+            latents, text_emb, text_mask, pooled = encode(batch)
+            _, aux = objective.loss(dit, latents, text_emb, text_mask, generator=generator, pooled=pooled)
+            means, n = loss_by_t_bucket(aux["t"], aux["mse_per_sample"], num_buckets)
+            sums += torch.nan_to_num(means.double().cpu()) * n.cpu()
+            counts += n.double().cpu()
+    finally:
+        dit.train(was_training)
+    return sums, counts
+
+
+def loss_metrics(sums: torch.Tensor, counts: torch.Tensor) -> dict[str, float] | None:
+    """{"val/loss", "val/loss_t0-0.1", ...} from bucket_loss_sums (None when no sample was scored);
+    empty buckets are left out."""
+    if counts.sum() == 0:
+        return None
+    metrics = {"val/loss": float(sums.sum() / counts.sum())}
+    for name, s, n in zip(t_bucket_names(len(sums), prefix="val/loss_t"), sums.tolist(), counts.tolist(), strict=True):
+        if n > 0:
+            metrics[name] = s / n
+    return metrics
