@@ -76,7 +76,7 @@ def test_dit_training_logs_scene_and_motion_of_its_samples(camera_run):
 def test_evaluate_prints_the_camera_table(camera_run, tmp_path):
     threads = torch.get_num_threads()
     try:
-        report = evaluate(EvalConfig(ckpt=str(camera_run["run"]), steps=1, num_held_out=14, out=str(tmp_path),
+        report = evaluate(EvalConfig(ckpt=str(camera_run["run"]), steps=1, num_held_out=14, num_prompts=21, out=str(tmp_path),
                                      write_samples=False, num_threads=1))
     finally:
         torch.set_num_threads(threads)
