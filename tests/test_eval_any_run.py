@@ -17,8 +17,8 @@ from dit_video.data.camera import camera_windows, render_camera_clip
 from dit_video.data.datamodule import VideoDataModule
 from dit_video.data.shards import ShardWriter, encode_mp4
 from dit_video.data.synthetic import render_clip
-from dit_video.errors import CheckpointError
-from dit_video.eval.evaluate import checkpoint_list, main
+from dit_video.errors import CheckpointError, PromptRefused
+from dit_video.eval.evaluate import EvalConfig, checkpoint_list, evaluate, main
 from dit_video.eval.heldout import HeldOut
 from dit_video.eval.references import given_references, run_references
 from dit_video.eval.scores import NO_NAMED_MOTION, NO_REAL, motion_score
@@ -153,10 +153,23 @@ def test_checkpoint_list(real):
         checkpoint_list(str(run), ["3"])
 
 
-def test_held_out_loss_is_skipped_with_the_reason(tmp_path):
-    config = {"task": "dit", "data": _data(f"{tmp_path}/train-*.tar")}
+def test_held_out_batches_need_only_the_validation_data(tmp_path):
+    make_demo(tmp_path, num_clips=0, val_clips=3, shard_size=4)
+    config = {"task": "dit", "data": _data(f"{tmp_path}/train-*.tar")}  # the training shards are not here
     assert HeldOut(config).skipped == "the run has no validation data (data.val_shards / data.val_cache)"
-    config["data"]["val_shards"] = f"{tmp_path}/val-*.tar"  # recorded, but not on this machine
+    config["data"]["val_shards"] = f"{tmp_path}/val-*.tar"
     held_out = HeldOut(config)
-    assert held_out.skipped == f"the run's validation data is not on this machine (data.val_shards: nothing at '{tmp_path}/val-*.tar')"
+    assert held_out.skipped is None and held_out.describe() == {"num_batches": 1, "seed": 0, "num_buckets": 10}
+    assert [len(b["caption"]) for b in held_out.batches] == [3]
+    config["data"]["val_shards"] = f"{tmp_path}/elsewhere/val-*.tar"  # recorded, but not on this machine
+    held_out = HeldOut(config)
+    assert held_out.skipped == f"the run's validation data is not on this machine (data.val_shards: nothing at '{tmp_path}/elsewhere/val-*.tar')"
     assert held_out.describe() is None and held_out.loss(None) is None
+
+
+def test_prompt_file_is_read_and_checked_before_any_checkpoint(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("a cat on a sofa\na deepfake of a cat\n")
+    with pytest.raises(PromptRefused, match="prompt 1"):
+        evaluate(EvalConfig(ckpt=str(tmp_path / "missing.ckpt"), prompt_file=str(path)))
+    assert main([f"ckpt={tmp_path / 'missing.ckpt'}", f"prompt_file={tmp_path / 'none.txt'}"]) == 2

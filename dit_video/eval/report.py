@@ -108,14 +108,16 @@ def markdown_report(report: dict) -> str:
     clips, reference figures, skipped metrics, the checkpoint's identity."""
     names = list(report["results"])
     s = report["sampling"]
-    lines = [f"# Evaluation of `{report['checkpoint']}`", "",
+    compared = report.get("checkpoints") or []
+    subject = Path(compared[0]).resolve().parent.parent if len(compared) > 1 else report["checkpoint"]  # the run
+    lines = [f"# Evaluation of `{subject}`", "",
              f"{report['num_samples']} samples; sampler {s['sampler']}, {s['steps']} steps, CFG {s['cfg']}, "
              f"shift {s['shift']}."]
     if report.get("references"):
         lines += ["", f"Prompts: {report['references_description']}."]
-    if len(report.get("checkpoints") or []) > 1:
+    if len(compared) > 1:
         lines += ["", "Checkpoints compared (same prompts and seeds): "
-                  + ", ".join(f"`{Path(c).resolve().name}`" for c in report["checkpoints"]) + "."]
+                  + ", ".join(f"`{Path(c).resolve().name}`" for c in compared) + "."]
     lines += _metric_lines(report)
     lines += _camera_lines(report.get("camera_reference"))
     if report.get("fvd_reference"):
