@@ -43,9 +43,10 @@ class References:
         s = self.source
         if s.get("split") is None:
             return f"{len(self.prompts)} prompts given by hand ({s.get('from', 'prompts=')}); no real clips"
-        what = "validation" if s["split"] == "val" else f"training (seeded sample, seed {s['seed']})"
-        return (f"{len(self.prompts)} captions of the run's {what} clips, {s['num_available']} available in "
-                f"{s['shards']}, with the real clip of each")
+        what = "validation" if s["split"] == "val" else "training"
+        sample = f" (seeded sample, seed {s['seed']})" if len(self.prompts) < s["num_available"] else ""
+        return (f"{len(self.prompts)} captions of the run's {what} clips{sample}, {s['num_available']} available "
+                f"in {s['shards']}, with the real clip of each")
 
 
 def clip_spec(data: dict) -> dict:
