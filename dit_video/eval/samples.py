@@ -2,7 +2,8 @@
 
 Prompt i is sampled on rank i mod world_size (every rank works, none waits on rank 0, each prompt
 exactly once); the clips are gathered, and rank 0 writes them to <run_dir>/samples/step-NNNNNNN/
-(provenance-marked), logs them to wandb/TensorBoard, and logs the demo caption probe score.
+(provenance-marked), logs them to wandb/TensorBoard, and logs the demo caption probe score or,
+for prompts that name a camera motion, the scene and motion accuracy (eval/camera.py).
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ from PIL import Image
 from dit_video.callbacks import log_scalars
 from dit_video.distributed import rank_and_world
 from dit_video.errors import ConfigError
+from dit_video.eval.camera import CameraScorer, run_clip_shards
 from dit_video.media import slug, write_samples
+from dit_video.metrics.motion import motion_applies
 from dit_video.metrics.probe import caption_faithfulness, probe_applies
 from dit_video.pipeline import Pipeline
 from dit_video.provenance import ProvenanceConfig, check_prompts, mark_clips
@@ -38,7 +41,8 @@ class SamplesConfig:
     weights: str = "ema"  # ema | raw
     to_disk: bool = True  # <run_dir>/samples/step-NNNNNNN/
     to_logger: bool = True  # wandb / TensorBoard videos (CSV logs get the probe score only)
-    probe: bool = True  # log eval/probe_* when every prompt is a demo caption
+    probe: bool = True  # log eval/probe_* when every prompt is a demo caption, eval/motion_accuracy etc. when
+    # every prompt names a camera motion
 
 
 def rank_share(num_prompts: int, rank: int, world_size: int) -> list[int]:
@@ -81,6 +85,7 @@ class InTrainingSamples(L.Callback):
             raise ConfigError(f"eval.samples.seeds: {len(self.seeds)} seeds for {len(cfg.prompts)} prompts")
 
         check_prompts(list(cfg.prompts))  # the same prompt filter as sample.py, at start-up
+        self.camera: CameraScorer | None = None  # scene references: the run's training clips, read on first use
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
@@ -101,6 +106,8 @@ class InTrainingSamples(L.Callback):
         finally:
             dit.train(was_training)
         if trainer.is_global_zero:
+            if self.camera is None and c.probe and motion_applies(list(c.prompts)):
+                self.camera = CameraScorer(run_clip_shards(pl_module.meta["config"]["data"])[0])
             self._publish(trainer, clips, pipe.fps)
         return clips
 
@@ -115,6 +122,10 @@ class InTrainingSamples(L.Callback):
             if probe_applies(list(c.prompts)):
                 report = caption_faithfulness(clips, list(c.prompts))
                 log_scalars(trainer, {f"eval/probe_{k}": report[k] for k in ("score", "colour", "direction", "shape")})
+            if self.camera is not None:  # eval/motion_accuracy, eval/scene_accuracy, eval/scene_and_motion
+                scores = self.camera.score(clips, list(c.prompts))
+                names = {"motion": "motion_accuracy", "scene": "scene_accuracy", "both": "scene_and_motion"}
+                log_scalars(trainer, {f"eval/{v}": scores[k] for k, v in names.items() if k in scores})
         if c.to_logger:
             self._log_videos(trainer, clips, fps)
 

@@ -35,61 +35,89 @@ class ValidationLoss(L.Callback):
     @torch.no_grad()
     def evaluate(self, trainer, pl_module) -> dict[str, float] | None:
         loader = trainer.datamodule.val_dataloader() if trainer.datamodule is not None else []
-        c, k = self.cfg, self.cfg.num_buckets
+        c = self.cfg
         dit = pl_module.ema if c.weights == "ema" else pl_module.dit
-        was_training = dit.training
-        dit.eval()
-        try:
-            sums, counts = held_out_sums(pl_module, dit, loader, c)
-        finally:
-            dit.train(was_training)
+        sums, counts = held_out_sums(pl_module, dit, loader, c)  # dit in eval mode for the duration
         if rank_and_world()[1] > 1:
             both = torch.stack([sums, counts])  # [2, K] on the module's device: NCCL refuses host tensors
             torch.distributed.all_reduce(both)
             sums, counts = both[0], both[1]
-        if counts.sum() == 0:
-            return None
-        metrics = {"val/loss": float(sums.sum() / counts.sum())}
-        for name, s, n in zip(t_bucket_names(k, prefix="val/loss_t"), sums.tolist(), counts.tolist(), strict=True):
-            if n > 0:
-                metrics[name] = s / n
-        log_scalars(trainer, metrics)
+        metrics = loss_metrics(sums, counts)
+        if metrics is not None:
+            log_scalars(trainer, metrics)
         return metrics
 
 
 def held_out_sums(pl_module, dit, loader, cfg: ValLossConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss sum [K], sample count [K]) per t bucket over this rank's first `cfg.max_batches`
-    batches, float64 on the module's device.
+    """bucket_loss_sums over this rank's first `cfg.max_batches` held-out batches of a training
+    run's LightningModule: clips through its frozen encoders, or a latent cache's batches as
+    they are; float64 [K] sums and counts on the module's device (collectives need them there)."""
+    device = pl_module.device
 
-    Every rank runs the same number of forwards: under FSDP2 (or ZeRO-3 raw weights) a forward
-    of the sharded DiT is a collective, so a rank out of batches while another still has one runs
-    a dummy batch whose result is dropped (one tiny all-reduce per batch agrees on it)."""
-    k, device = cfg.num_buckets, pl_module.device
-    sums = torch.zeros(k, dtype=torch.float64, device=device)
-    counts = torch.zeros(k, dtype=torch.float64, device=device)
-    generator = torch.Generator(device).manual_seed(cfg.seed)
-    world = rank_and_world()[1]
-    batches = iter(loader)
-    for _ in range(cfg.max_batches):
-        batch = next(batches, None)
-        if world > 1:
-            more = torch.tensor([batch is not None], dtype=torch.int32, device=device)
-            torch.distributed.all_reduce(more, op=torch.distributed.ReduceOp.MAX)
-            if not bool(more):
-                break
-        elif batch is None:
-            break
-        if batch is None:  # another rank still has a batch: the same forward, result dropped
-            latents, text_emb, text_mask, pooled = dummy_inputs(pl_module, dit)
-            pl_module.objective.loss(dit, latents, text_emb, text_mask, generator=torch.Generator(device), pooled=pooled)
-            continue
+    def encode(batch):
+        if "latents" in batch:  # a latent cache (data=latents): the encoders already ran
+            return batch["latents"].float().to(device), batch["text_emb"].to(device), batch["text_mask"].to(device), None
         latents = pl_module.encode_clips(batch["clip"].to(device))  # [B, C, T', H', W']
-        text_emb, text_mask, pooled = pl_module.encode_text_pooled(list(batch["caption"]))
-        _, aux = pl_module.objective.loss(dit, latents, text_emb, text_mask, generator=generator, pooled=pooled)
-        means, n = loss_by_t_bucket(aux["t"], aux["mse_per_sample"], k)  # [K], [K] on the device
-        sums += torch.nan_to_num(means.double()) * n
-        counts += n.double()
+        return (latents, *pl_module.encode_text_pooled(list(batch["caption"])))
+
+    generator = torch.Generator(device).manual_seed(cfg.seed)
+    dummy = (lambda: dummy_inputs(pl_module, dit)) if rank_and_world()[1] > 1 else None
+    return bucket_loss_sums(dit, pl_module.objective, loader, encode, cfg.num_buckets, cfg.max_batches, generator,
+                            device=device, dummy=dummy)
+
+
+@torch.no_grad()
+def bucket_loss_sums(dit, objective, batches, encode, num_buckets: int, max_batches: int,
+                     generator: torch.Generator, device: torch.device | str = "cpu",
+                     dummy=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Held-out loss of `dit` summed per t bucket over the first `max_batches` of `batches`:
+    (sums float64 [K], counts float64 [K]) on `device`. encode(batch) -> (latents [B, C, T', H', W'],
+    text_emb [B, L, D], text_mask [B, L], pooled [B, P] or None). t and noise come from `generator`
+    only, so a generator seeded alike gives every set of weights the same t and noise (FastVideo #609).
+
+    With `dummy` (() -> the same four inputs), every rank of the default process group runs the same
+    number of forwards: under FSDP2 (or ZeRO-3 raw weights) a forward of the sharded DiT is a
+    collective, so a rank out of batches while another still has one runs a dummy batch whose
+    result is dropped (one tiny all-reduce per batch agrees on it)."""
+    sums = torch.zeros(num_buckets, dtype=torch.float64, device=device)
+    counts = torch.zeros(num_buckets, dtype=torch.float64, device=device)
+    was_training = dit.training
+    dit.eval()
+    try:
+        batches = iter(batches)
+        for _ in range(max_batches):
+            batch = next(batches, None)
+            if dummy is not None:
+                more = torch.tensor([batch is not None], dtype=torch.int32, device=device)
+                torch.distributed.all_reduce(more, op=torch.distributed.ReduceOp.MAX)
+                if not bool(more):
+                    break
+            elif batch is None:
+                break
+            if batch is None:  # another rank still has a batch: the same forward, result dropped
+                latents, text_emb, text_mask, pooled = dummy()
+                objective.loss(dit, latents, text_emb, text_mask, generator=torch.Generator(device), pooled=pooled)
+                continue
+            latents, text_emb, text_mask, pooled = encode(batch)
+            _, aux = objective.loss(dit, latents, text_emb, text_mask, generator=generator, pooled=pooled)
+            means, n = loss_by_t_bucket(aux["t"], aux["mse_per_sample"], num_buckets)  # [K], [K]
+            sums += torch.nan_to_num(means.double()).to(device) * n.to(device)
+            counts += n.double().to(device)
+    finally:
+        dit.train(was_training)
     return sums, counts
+
+
+def loss_metrics(sums: torch.Tensor, counts: torch.Tensor) -> dict[str, float] | None:
+    """{"val/loss", "val/loss_t0-0.1", ...} from bucket_loss_sums (None when no sample was scored);
+    empty buckets are left out."""
+    if counts.sum() == 0:
+        return None
+    metrics = {"val/loss": float(sums.sum() / counts.sum())}
+    for name, s, n in zip(t_bucket_names(len(sums), prefix="val/loss_t"), sums.tolist(), counts.tolist(), strict=True):
+        if n > 0:
+            metrics[name] = s / n
+    return metrics
 
 
 def dummy_inputs(pl_module, dit) -> tuple:

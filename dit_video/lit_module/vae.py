@@ -7,9 +7,10 @@ import dataclasses
 import lightning as L
 import torch
 
-from dit_video.encoders.base import clip_to_video
+from dit_video.encoders.base import clip_to_video, video_to_clip
 from dit_video.lit_module.optim import OptimConfig, build_optimizer
 from dit_video.metrics.image_metrics import psnr, ssim
+from dit_video.metrics.motion import motion_fidelity
 
 
 class VAEModule(L.LightningModule):
@@ -19,7 +20,10 @@ class VAEModule(L.LightningModule):
     Without a discriminator: Lightning's automatic optimisation, one AdamW. With one: two AdamWs
     (VAE, discriminator) stepped in `training_step` (manual optimisation), so gradient clipping
     (`gradient_clip_val`) and the warmup schedulers are applied here. Validation reports
-    val/rec_loss, val/psnr and val/ssim of the posterior-mean reconstruction.
+    val/rec_loss, val/psnr and val/ssim of the posterior-mean reconstruction, and
+    val/motion_fidelity (the share of clips whose reconstruction moves as the input does: same
+    camera-motion label, dit_video.metrics.motion) with val/motion_error (their distance in frame
+    fractions over the clip).
     """
 
     FROZEN = ("objective.lpips.",)  # loaded from its own file: not training state, not in checkpoints
@@ -127,6 +131,10 @@ class VAEModule(L.LightningModule):
         self.log("val/rec_loss", rec_loss, batch_size=bs)
         self.log("val/psnr", psnr(recon, video).mean(), prog_bar=True, batch_size=bs)
         self.log("val/ssim", ssim((recon + 1) / 2, (video + 1) / 2).mean(), batch_size=bs)  # on [0, 1] images
+        if video.shape[2] > 1:  # motion needs two frames; the uint8 round trip is what a sample goes through
+            motion = motion_fidelity(batch["clip"].cpu().numpy(), video_to_clip(recon).cpu().numpy())
+            self.log("val/motion_fidelity", motion["motion_fidelity"], batch_size=bs)
+            self.log("val/motion_error", motion["motion_error"], batch_size=bs)
 
     def configure_optimizers(self):
         vae_opt = build_optimizer(self.vae, self.optim_cfg)

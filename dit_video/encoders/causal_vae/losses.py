@@ -6,8 +6,11 @@ from one local file.
     VAELoss(cfg)(vae, video, step)           -> generator (VAE) loss and logs
     VAELoss(cfg).discriminator_loss(...)     -> discriminator loss and logs
 
-With `disc_weight: 0` and `perceptual_weight: 0` (the defaults) VAELoss is exactly `vae_loss`:
-same numbers, no extra parameters, and VAEModule keeps Lightning's automatic optimisation.
+With `disc_weight: 0`, `perceptual_weight: 0` and `temporal_weight: 0` (the defaults) VAELoss is
+exactly `vae_loss`: same numbers, no extra parameters, and VAEModule keeps Lightning's automatic
+optimisation. `temporal_weight > 0` adds a temporal-difference term: the reconstruction's
+frame-to-frame change must match the input's, which is where a 4x temporally compressed latent
+loses camera motion first (a per-pixel loss is dominated by the still part of each frame).
 """
 
 from __future__ import annotations
@@ -62,6 +65,14 @@ def vae_loss_terms(
     return video_hat, recon_loss, kl, {"recon": recon_loss.detach(), "kl": kl.detach(), "psnr": psnr}
 
 
+def temporal_difference_loss(video_hat: torch.Tensor, video: torch.Tensor, recon: str = "l2") -> torch.Tensor:
+    """Mean distance between the frame differences of a reconstruction and of its input, both
+    [B, 3, T, H, W]: zero when every frame-to-frame change is reproduced, whatever a constant
+    offset does. `recon` picks l1 or l2, as for the reconstruction term."""
+    diff = (video_hat[:, :, 1:] - video_hat[:, :, :-1]).float() - (video[:, :, 1:] - video[:, :, :-1]).float()
+    return diff.abs().mean() if recon == "l1" else diff.pow(2).mean()  # over [B, 3, T - 1, H, W]
+
+
 @dataclass
 class VAELossConfig:
     kl_weight: float = 1e-6  # weight of KL(q || N(0, I)), averaged per latent element
@@ -75,13 +86,14 @@ class VAELossConfig:
     disc_layers: int = 3  # stride-2 conv layers in the discriminator (each halves T, H and W)
     disc_lr: float | None = None  # discriminator AdamW learning rate; None = optim.lr (same warmup)
     adaptive_weight_max: float = 1e4  # clamp of ||grad L_rec|| / ||grad L_adv|| (VQGAN's value)
+    temporal_weight: float = 0.0  # weight of the temporal-difference loss (x_hat[t+1] - x_hat[t] vs x's), same distance as recon
 
     def validate(self) -> VAELossConfig:
         if self.recon not in ("l1", "l2"):
             raise ValueError(f"vae.loss.recon={self.recon!r}: use 'l1' or 'l2'")
         if self.disc_loss not in ("hinge", "non_saturating"):
             raise ValueError(f"vae.loss.disc_loss={self.disc_loss!r}: use 'hinge' or 'non_saturating'")
-        for name in ("kl_weight", "perceptual_weight", "disc_weight", "disc_start"):
+        for name in ("kl_weight", "perceptual_weight", "disc_weight", "disc_start", "temporal_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"vae.loss.{name}={getattr(self, name)}: must be >= 0")
         if self.disc_layers < 1 or self.disc_channels < 1:
@@ -121,6 +133,11 @@ class VAELoss(nn.Module):
         cfg = self.cfg
         video_hat, recon_loss, kl, logs = vae_loss_terms(vae, video, cfg.recon, generator)  # 1. reconstruct
         loss = recon_loss + cfg.kl_weight * kl  # 2. beta-VAE objective
+        if cfg.temporal_weight > 0:  # 2b. frame-to-frame change, where motion lives
+            temporal = temporal_difference_loss(video_hat, video, cfg.recon)
+            logs["temporal"] = temporal.detach()
+            recon_loss = recon_loss + cfg.temporal_weight * temporal  # part of the "nll" the GAN is scaled to
+            loss = loss + cfg.temporal_weight * temporal
         if self.lpips is not None:  # 3. perceptual distance per frame
             perceptual = self.lpips.video_distance(video_hat, video.to(video_hat.dtype)).mean()
             logs["perceptual"] = perceptual.detach()
