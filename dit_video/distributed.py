@@ -29,7 +29,6 @@ import hashlib
 import json
 import math
 import os
-import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -38,6 +37,7 @@ import torch
 import torch.distributed as dist
 
 from dit_video.errors import ConfigError
+from dit_video.files import private_folder_problem
 from dit_video.model.attention import attention
 
 
@@ -262,19 +262,7 @@ def private_dir(path: Path) -> Path:
     """`path` as a folder only this user can read or write: created with mode 0700, or, if it
     exists, refused unless it is a real directory (not a symlink) owned by us and closed to others."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        path.mkdir(mode=0o700)
-    except FileExistsError:
-        pass
-    st = os.lstat(path)
-    problem = None
-    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
-        problem = "a symlink" if stat.S_ISLNK(st.st_mode) else "not a directory"
-    elif st.st_uid != os.getuid():
-        problem = f"owned by uid {st.st_uid}, not by this user (uid {os.getuid()})"
-    elif st.st_mode & 0o077:
-        problem = f"open to other users (mode {stat.S_IMODE(st.st_mode):o})"
+    problem = private_folder_problem(path)
     if problem:
         raise ConfigError(f"node cache folder '{path}' is {problem}: another user could plant results in it; "
                           "remove it (it is only a cache) and run again")

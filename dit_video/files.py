@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 from collections.abc import Callable
 from pathlib import Path
 
@@ -62,3 +63,22 @@ def atomic_write_text(path: Path, text: str) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     fsync_dir(path.parent)
+
+
+def private_folder_problem(path: Path) -> str | None:
+    """Why `path` (created with mode 0700 if absent) is not a folder only this user can write, or None.
+    A shared, world-writable parent (the system temp dir) would otherwise let another user plant
+    results or symlinks in a cache of ours. Raises OSError if it cannot be made."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(mode=0o700)
+    except FileExistsError:
+        pass
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+        return "a symlink" if stat.S_ISLNK(st.st_mode) else "not a directory"
+    if st.st_uid != os.getuid():
+        return f"owned by uid {st.st_uid}, not by this user (uid {os.getuid()})"
+    if st.st_mode & 0o077:
+        return f"open to other users (mode {stat.S_IMODE(st.st_mode):o})"
+    return None

@@ -32,12 +32,14 @@ def dit_256_vae(cfg) -> CausalVideoAutoencoder:
     return CausalVideoAutoencoder(vae, torch.zeros(c), torch.ones(c))
 
 
-def check(*overrides: str) -> None:
+def check(*overrides: str):
+    """The run's config, after check_training_shapes passed on it (it raises ConfigError otherwise)."""
     cfg = compose_train(*DIT_256_BUCKETS, *overrides)
     vae = dit_256_vae(cfg)
     data_cfg = dataclass_from(VideoDataConfig, cfg.data, "data")  # no validate(): the shards are not here
     dit_cfg = build_dit_config(cfg.model, vae.latent_channels, 1, 1)
     check_training_shapes(cfg, data_cfg, vae, dit_cfg, build_objective_from(cfg))
+    return cfg
 
 
 def test_a_bucket_whose_tokens_do_not_split_over_the_sequence_parallel_ranks_is_refused():
@@ -49,7 +51,8 @@ def test_a_bucket_whose_tokens_do_not_split_over_the_sequence_parallel_ranks_is_
 
 
 def test_every_bucket_of_webvid_256_buckets_splits_over_4_ranks():
-    check("strategy.sequence_parallel_size=4")  # 2304, 2268, 1280, 1260, 256, 252 tokens: all multiples of 4
+    cfg = check("strategy.sequence_parallel_size=4")  # 2304, 2268, 1280, 1260, 256, 252 tokens: all multiples of 4
+    assert cfg.strategy.sequence_parallel_size == 4 and len(cfg.data.buckets) == 7  # all seven buckets were checked
 
 
 def test_image_batches_of_each_bucket_are_checked_too():

@@ -32,7 +32,6 @@ import logging
 import multiprocessing as mp
 import os
 import signal
-import stat
 import tempfile
 import time
 from array import array
@@ -56,7 +55,7 @@ from dit_video.data.index_table import (
 )
 from dit_video.data.samples import read_meta, size_of, video_ext_of
 from dit_video.errors import SampleError
-from dit_video.files import atomic_write
+from dit_video.files import atomic_write, private_folder_problem
 
 logger = logging.getLogger("dit_video.data.dataset")
 
@@ -249,20 +248,12 @@ def _private_folder(path: Path) -> Path | None:
     """`path`, created with mode 0700 if absent; None (and a warning) if it is a symlink, not a
     folder, not ours or open to other users: someone else could plant or swap files in it."""
     try:
-        path.mkdir(mode=0o700, parents=True, exist_ok=True)
-        st = os.lstat(path)
+        problem = private_folder_problem(path)
     except OSError as exn:
         logger.warning("index cache folder %s cannot be made (%s): scanning the shards in memory", path, exn)
         return None
-    problem = None
-    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
-        problem = "is a symlink" if stat.S_ISLNK(st.st_mode) else "is not a folder"
-    elif st.st_uid != os.getuid():
-        problem = f"belongs to uid {st.st_uid}"
-    elif st.st_mode & 0o077:
-        problem = f"is open to other users (mode {stat.S_IMODE(st.st_mode):o})"
     if problem:
-        logger.warning("index cache folder %s %s: not using it (scanning the shards in memory); remove it, "
+        logger.warning("index cache folder %s is %s: not using it (scanning the shards in memory); remove it, "
                        "or pass a folder only you can write", path, problem)
         return None
     return path
