@@ -23,6 +23,7 @@ import contextlib
 import functools
 import json
 import os
+import socket
 import sys
 import threading
 from pathlib import Path
@@ -48,6 +49,13 @@ _FACTORIES = {torch.zeros, torch.ones, torch.empty, torch.full, torch.tensor, to
               torch.empty_strided, torch.scalar_tensor}
 _TORCH_DIRS = (os.path.dirname(torch.__file__), os.path.dirname(__file__) + os.sep + "spawn_ranks.py")
 _OURS = os.sep + "dit_video" + os.sep
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 free right now, for a process group's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _tensors(value) -> list[torch.Tensor]:

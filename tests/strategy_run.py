@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
-from spawn_ranks import assert_collective_parity
+from spawn_ranks import assert_collective_parity, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT = 300
@@ -26,12 +25,6 @@ STEPS = 4
 GLOBAL_BATCH = 8
 INF_STEP = 2  # global_step (0-based) whose gradient is Inf; its result is recorded as step INF_STEP + 1
 EXT_DIR = Path.home() / ".cache" / "dit_video" / "torch_extensions"  # DeepSpeed's JIT-compiled CPU comm op
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ----------------------------------------------------------------------------- worker (runs under torchrun)

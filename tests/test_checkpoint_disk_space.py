@@ -8,10 +8,11 @@ until the NCCL timeout). Now both raise the same CheckpointError and both exit p
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
+
+from spawn_ranks import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,12 +57,6 @@ def worker(out: Path) -> None:
         outcome = f"{type(err).__name__}: {err}"
     (out / f"rank{rank}.txt").write_text(outcome)
     torch.distributed.destroy_process_group() if torch.distributed.is_initialized() else None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_a_full_disk_on_one_rank_stops_every_rank_with_the_same_error(tmp_path):

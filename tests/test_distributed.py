@@ -28,18 +28,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from strategy_run import (  # noqa: F401 (free_port, make_module, worker_overrides: used by other test files)
+from strategy_run import (
     ROOT,
     STEPS,
     assert_close,
     assert_inf_step_skipped,
     ema_of,
-    free_port,
-    make_module,
     probes,
     read_losses,
     torchrun,
-    worker_overrides,
 )
 
 

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from spawn_ranks import assert_collective_parity
+from spawn_ranks import assert_collective_parity, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 EXT_DIR = Path.home() / ".cache" / "dit_video" / "torch_extensions"
@@ -82,7 +82,6 @@ def worker(out: str, stage: int, offload: bool) -> None:
 
 def run_deepspeed(tmp_path, *args: str) -> dict:
     """Runs this file's worker on 2 torchrun processes (gloo): args after the result path."""
-    from test_distributed import free_port
 
     EXT_DIR.mkdir(parents=True, exist_ok=True)
     out = tmp_path / "result.json"

@@ -45,7 +45,7 @@ def held_out_batches(rank: int, even: bool = False) -> list[dict]:
 def fake_module(ema):
     """What ValidationLoss reads of a DiTModule: the EMA, the device, the encoders, the objective, meta."""
     from omegaconf import OmegaConf
-    from test_distributed import ROOT
+    from strategy_run import ROOT
 
     from dit_video.diffusion import build_objective
 

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 import torch
-from spawn_ranks import assert_collective_parity
+from spawn_ranks import assert_collective_parity, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 3
@@ -61,7 +61,6 @@ def worker(out: str, shards: str) -> None:
 
 def test_vae_gan_demo_trains_under_two_process_ddp(tmp_path):
     import numpy as np
-    from test_distributed import free_port
 
     from dit_video.plots import read_metric
 

@@ -8,13 +8,12 @@ import json
 import logging
 import re
 import resource
-import socket
 import time
 
 import numpy as np
 import pytest
 import torch
-from spawn_ranks import assert_collective_parity
+from spawn_ranks import assert_collective_parity, free_port
 from test_flops import counted
 from tiny_run import TINY_DATA, TINY_DIT, compose_train, distributed_sampling_worker, tiny_run
 
@@ -103,9 +102,7 @@ def test_training_run_logs_samples_val_loss_and_throughput(run, tmp_path, caplog
 def test_distributed_sampling_two_gloo_ranks_each_prompt_once(run, tmp_path):
     prompts = ["a red square moving left", "a blue circle moving up", "a green triangle moving right",
                "a yellow square moving down", "a magenta circle moving left"]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     ckpt = str(run["run"] / "checkpoints" / "last.ckpt")
     torch.multiprocessing.spawn(distributed_sampling_worker, args=(2, port, ckpt, prompts, str(tmp_path)), nprocs=2)
     assert_collective_parity(tmp_path, 2)

@@ -7,24 +7,18 @@ is not reachable here; --device cpu is the same code path with another device st
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
+from spawn_ranks import free_port
 
 from data_prep.encode_latents import main as encode_main
 from data_prep.make_demo import make_demo
 from dit_video.encoders.causal_vae import CausalVAE, CausalVAEConfig, save_vae
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def files(folder: Path) -> dict[str, bytes]:

@@ -3,11 +3,10 @@ device/dtype selection, and noise that depends on the seed only."""
 
 from __future__ import annotations
 
-import socket
-
 import numpy as np
 import pytest
 import torch
+from spawn_ranks import free_port
 from tiny_run import tiny_run
 
 from dit_video.errors import CheckpointError
@@ -100,9 +99,7 @@ def write_sharded_worker(rank: int, world_size: int, port: int, full: str, out: 
 def sharded_ckpt(full_ckpt, tmp_path_factory):
     out = tmp_path_factory.mktemp("sharded") / "step-00000003.ckpt"
     out.mkdir()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     torch.multiprocessing.spawn(write_sharded_worker, args=(2, port, str(full_ckpt), str(out)), nprocs=2)
     return out
 
@@ -162,9 +159,7 @@ def test_sampling_from_a_real_fsdp_run(run, tmp_path):
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
     root = Path(__file__).resolve().parents[1]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     run_dir = tmp_path / "fsdp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
            f"--master-port={port}", "train.py", "+experiment=demo", f"data.shards={run['shards']}/train-*.tar",

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from spawn_ranks import free_port
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -272,7 +273,6 @@ def test_sigterm_at_step_k_then_auto_resume_is_bitwise_identical(demo_shards, tm
 def test_ddp_two_processes_sigterm_then_auto_resume_is_bitwise_identical(demo_shards, tmp_path):
     """The same on 2 gloo processes (torchrun): rank 0 gets SIGTERM, both ranks save and stop at the
     same step; per-rank RNG states and loader positions resume. Losses are the mean over ranks."""
-    from test_distributed import free_port
 
     steps, k = 6, 2
     base = [demo_shards, *TINY, f"trainer.max_steps={steps}", "checkpoint_every=100", "strategy=ddp",

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from spawn_ranks import assert_collective_parity, record_collectives, spawn_ranks
+from spawn_ranks import assert_collective_parity, free_port, record_collectives, spawn_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
 WORLD = 2
@@ -146,7 +146,7 @@ GLOBAL_BATCH = 4
 def worker(out: str, overrides: list[str]) -> None:
     import lightning as L
     from hydra import compose, initialize_config_dir
-    from test_distributed import make_module, worker_overrides
+    from strategy_run import make_module, worker_overrides
     from test_resume import LossRecorder
     from torch.utils.data import DataLoader
 
@@ -181,7 +181,6 @@ def worker(out: str, overrides: list[str]) -> None:
 
 
 def torchrun(nproc: int, out: Path, *overrides: str) -> dict[int, float]:
-    from test_distributed import free_port
 
     env = dict(os.environ, PYTHONPATH=f"{ROOT}:{ROOT / 'tests'}", OMP_NUM_THREADS="1", DIT_VIDEO_QUIET="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1",
