@@ -55,6 +55,7 @@ def test_evaluate_a_non_demo_run_on_its_own_captions(real, tmp_path, capsys):
     report = json.loads((tmp_path / "report.json").read_text())
     names = ["step-00000002/ema", "step-00000002/raw", "step-00000004/ema", "step-00000004/raw"]
     assert list(report["results"]) == names  # checkpoint vs checkpoint, in training order
+    assert report["sampling"]["shift"] == 3.0  # no shift= given: the objective.shift the demo recipe trained with
     assert report["references"]["split"] == "val" and sorted(report["prompts"]) == sorted(c for _, c, _ in REAL_WINDOWS["val"])
     logged = dict(zip(*read_metric(real["run"] / "metrics.csv", "val/loss"), strict=True))
     for step in (2, 4):  # the same batches, t and noise as the run's in-training val/loss

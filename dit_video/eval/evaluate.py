@@ -67,7 +67,7 @@ class EvalConfig:
     sampler: str = "euler"  # euler | heun | ddim | dpmpp_2m
     steps: int = 20
     cfg: float = 4.0  # classifier-free guidance scale
-    shift: float = 1.0
+    shift: float | None = None  # time shift of the sampling grid; None = the objective.shift the run trained with
     negative_prompt: str = ""
     batch_size: int = 16
     held_out: bool = True  # the held-out loss per t bucket on the run's validation batches
@@ -140,7 +140,8 @@ def evaluate(cfg: EvalConfig) -> dict:
     check_prompts(prompts, negative_prompt=cfg.negative_prompt)
     out = Path(cfg.out) if cfg.out else _default_out(ckpts)
     out.mkdir(parents=True, exist_ok=True)
-    sampling = {"sampler": cfg.sampler, "steps": cfg.steps, "cfg": cfg.cfg, "shift": cfg.shift,
+    shift = float(first.objective.cfg.shift) if cfg.shift is None else cfg.shift  # as sample.py: what it trained with
+    sampling = {"sampler": cfg.sampler, "steps": cfg.steps, "cfg": cfg.cfg, "shift": shift,
                 "negative_prompt": cfg.negative_prompt}
     train_shards, val_shards = run_clip_shards(config["data"])
     scorers = Scorers(prompts, probe=cfg.probe, camera=cfg.camera, camera_shards=train_shards,
