@@ -10,8 +10,9 @@ TORCH ?= $(if $(HAS_GPU),torch>=2.6,torch==2.13.0)
 TORCH_INDEX ?=
 EXTRAS ?= dev,demo,scenes
 DEMO_DIR ?= outputs/demo
+CAMERA_DIR ?= outputs/demo-camera
 
-.PHONY: install demo test test-fast lint bench clean
+.PHONY: install demo demo-camera test test-fast lint bench clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -28,6 +29,11 @@ install: $(VENV)/.installed
 # End to end on the built-in synthetic data, on CPU: shards -> VAE -> DiT -> samples -> score.
 demo: install
 	$(PY) -m dit_video.demo --out $(DEMO_DIR)
+
+# The same chain on real textures under camera motion (pans, tilts, zooms): shards -> VAE ->
+# cached latents -> DiT -> samples -> scene and motion table (real / VAE / generated).
+demo-camera: install
+	$(PY) -m dit_video.demo --kind camera --out $(CAMERA_DIR)
 
 # The whole suite, multi-process and compile tests included (what CI runs): two pytest workers,
 # one per core, one thread each (a second BLAS thread per worker only oversubscribes the cores);

@@ -22,16 +22,15 @@ import sys
 import time
 from pathlib import Path
 
-from dit_video.data.camera import camera_caption, camera_combinations
-from dit_video.eval.camera import CameraScorer, camera_table, format_table, read_clips, reconstruct
+from dit_video.eval.camera import format_table, measure_camera
 from dit_video.media import write_samples
 from dit_video.metrics.probe import caption_faithfulness, probe_prompts
 from dit_video.pipeline import Pipeline
 
 MARKER = ".dit_video_demo"  # only folders carrying this marker are ever cleared by the demo
-DEFAULTS = {  # per kind: data folder, output folder, sampling steps, CFG scale
+DEFAULTS = {  # per kind: data folder, output folder, sampling steps, CFG scale (None: the run's eval.samples)
     "shapes": {"data": "data/demo", "out": "outputs/demo", "steps": 30, "cfg": 5.0},
-    "camera": {"data": "data/camera", "out": "outputs/demo-camera", "steps": 30, "cfg": 5.0},
+    "camera": {"data": "data/camera", "out": "outputs/demo-camera", "steps": None, "cfg": None},
 }
 
 
@@ -126,27 +125,19 @@ def camera_demo(args, out: Path, data: Path) -> int:
     times["dit"] = run([py, "train.py", "+experiment=camera", f"hydra.run.dir={out}/dit", f"vae.path={out}/vae",
                         f"data.cache={train_cache}", f"data.val_cache={val_cache}", *args.overrides])
 
-    # Sample every (scene, motion) caption of the held-out split, seeds_per_prompt times.
-    t0 = time.perf_counter()
+    # Sample every (scene, motion) caption seeds_per_prompt times (sampler settings: the run's
+    # eval.samples unless given), then score real held-out clips, their VAE reconstructions and the
+    # samples with one scorer.
     ckpt = out / "dit" / "checkpoints" / "last.ckpt"
-    pipe = Pipeline.from_checkpoint(ckpt)
-    captions = [camera_caption(s, m) for s, m in camera_combinations()]
-    prompts = [c for _ in range(args.seeds_per_prompt) for c in captions]
-    seeds = [1000 * s + i for s in range(args.seeds_per_prompt) for i in range(len(captions))]
-    generated = pipe.generate(prompts, seeds, steps=args.steps, cfg=args.cfg, shift=args.shift)
-    settings = {"sampler": "euler", "steps": args.steps, "cfg": args.cfg, "shift": args.shift, "checkpoint": str(ckpt)}
-    written = write_samples(generated, prompts, seeds, out / "samples", pipe.fps, settings)
-    times["sample"] = time.perf_counter() - t0
-
-    # Score real held-out clips, their VAE reconstructions and the samples with one scorer.
-    t0 = time.perf_counter()
-    real, real_captions = read_clips(val_glob, limit=10_000)
-    scorer = CameraScorer(train_glob)
-    rows = camera_table(scorer, real, real_captions, reconstruct(pipe.vae, real), generated, prompts)
-    times["score"] = time.perf_counter() - t0
+    measured = measure_camera(ckpt, train_glob, val_glob, args.seeds_per_prompt, args.steps, args.cfg, args.shift)
+    rows, settings = measured["rows"], measured["settings"]
+    written = write_samples(measured["generated"], measured["prompts"], measured["seeds"], out / "samples",
+                            measured["fps"], settings)
+    times |= measured["seconds"]
     total = time.perf_counter() - start
     result = {"rows": rows, "seconds": times | {"total": total}, "settings": settings,
-              "num_generated": len(prompts), "held_out": val_glob}
+              "num_generated": len(measured["prompts"]), "seeds_per_prompt": args.seeds_per_prompt,
+              "held_out": val_glob, "references": train_glob}
     (out / "camera_table.json").write_text(json.dumps(result, indent=2))
 
     print("\n" + "=" * 72)
@@ -167,9 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="folder for the VAE, DiT and sample outputs (default per kind)")
     p.add_argument("--data", default=None, help="folder of the demo shards, made if missing (default per kind)")
     p.add_argument("--seeds-per-prompt", type=int, default=2, help="samples per probe prompt")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps")
-    p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale")
-    p.add_argument("--shift", type=float, default=3.0, help="sampling time shift (camera demo)")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (camera demo: default the run's eval.samples)")
+    p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (likewise)")
+    p.add_argument("--shift", type=float, default=None, help="sampling time shift (camera demo; likewise)")
     p.add_argument("--vae-override", action="append", default=[], dest="vae_overrides", metavar="FIELD=VALUE",
                    help="an extra Hydra override for the VAE stage (camera demo; repeat for several)")
     p.add_argument("overrides", nargs="*", help="extra Hydra overrides for the DiT stage")

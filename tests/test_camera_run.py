@@ -1,19 +1,24 @@
 """The camera demo's wiring on tiny runs: val/motion_fidelity in VAE validation, the temporal-difference
-loss, latent caches, eval/motion_accuracy + eval/scene_accuracy in DiT training, and `evaluate`'s
-camera table (real / VAE / generated, with the VAE's motion fidelity)."""
+loss, latent caches, eval/motion_accuracy + eval/scene_accuracy in DiT training, `evaluate`'s
+camera table (real / VAE / generated, with the VAE's motion fidelity) and benchmarks/motion.py,
+which re-measures that table from a camera demo folder."""
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pytest
 import torch
 from tiny_run import TINY_DATA, TINY_DIT, compose_train
 
+from benchmarks.motion import read_table, remeasure, report
 from data_prep.encode_latents import main as encode_latents
 from data_prep.make_camera import make_camera
-from dit_video.data.camera import CAMERA_SCENES
+from dit_video.data.camera import CAMERA_SCENES, camera_caption, camera_combinations
 from dit_video.encoders.causal_vae import VAE_PRESETS, CausalVAE, VAELoss, VAELossConfig
 from dit_video.encoders.causal_vae.losses import temporal_difference_loss
+from dit_video.eval.camera import camera_prompts
 from dit_video.eval.evaluate import EvalConfig, evaluate
 from dit_video.plots import read_metric
 from dit_video.run import train
@@ -105,3 +110,50 @@ def test_temporal_difference_loss():
     torch.testing.assert_close(with_term, base + logs_t["temporal"])
     with pytest.raises(ValueError, match="temporal_weight"):
         VAELossConfig(temporal_weight=-1.0).validate()
+
+
+def test_camera_prompts_cover_every_caption_with_distinct_seeds():
+    prompts, seeds = camera_prompts(2)
+    captions = {camera_caption(s, m) for s, m in camera_combinations()}
+    assert len(prompts) == 2 * len(captions) and set(prompts) == captions and len(set(seeds)) == len(seeds)
+    assert camera_prompts(3)[1][: len(seeds)] == seeds  # more repeats keep the first clips
+    with pytest.raises(ValueError, match="seeds_per_prompt"):
+        camera_prompts(0)
+
+
+def test_motion_benchmark_remeasures_a_camera_demo_folder(camera_run, tmp_path, capsys):
+    """benchmarks/motion.py on a folder laid out as the camera demo writes it: the table is sampled
+    and scored again, the demo's training-stage times are kept, its own sample/score times added."""
+    folder = tmp_path / "demo-camera"
+    folder.mkdir()
+    (folder / "dit").symlink_to(camera_run["run"], target_is_directory=True)
+    shards = camera_run["shards"]
+    seconds = {"data": 1.0, "vae": 60.0, "latents": 6.0, "dit": 120.0, "sample": 9e9, "score": 9e9, "total": 9e9}
+    table = {"rows": {}, "seconds": seconds, "settings": {"sampler": "euler", "steps": 1, "cfg": 5.0, "shift": 3.0},
+             "seeds_per_prompt": 1, "held_out": f"{shards}/val-*.tar", "references": f"{shards}/train-*.tar"}
+    (folder / "camera_table.json").write_text(json.dumps(table))
+    threads = torch.get_num_threads()
+    try:
+        fresh = remeasure(folder, read_table(folder), seeds_per_prompt=None, steps=None, cfg=2.0, shift=None)
+    finally:
+        torch.set_num_threads(threads)
+    rows = fresh["rows"]
+    assert fresh["num_generated"] == 21 and rows["generated"]["num_clips"] == 21
+    assert rows["real"]["num_clips"] == rows["vae"]["num_clips"] == 21  # every held-out clip
+    assert rows["real"]["motion"] == 1.0 and rows["real"]["scene"] >= 0.9  # 42 tiny references: near, not always, 1
+    assert fresh["settings"]["cfg"] == 2.0 and fresh["settings"]["steps"] == 1  # given, else the demo's
+    kept = {k: v for k, v in fresh["seconds"].items() if k in ("data", "vae", "latents", "dit")}
+    assert kept == {"data": 1.0, "vae": 60.0, "latents": 6.0, "dit": 120.0}
+    assert 0 < fresh["seconds"]["sample"] < 9e9 and fresh["seconds"]["total"] == pytest.approx(sum(
+        v for k, v in fresh["seconds"].items() if k != "total"))
+    text = report(fresh["rows"], fresh["seconds"], fresh["settings"], fresh["num_generated"])
+    assert f"| real held-out clips | {rows['real']['scene']:.2f} | 1.00 |" in text
+    assert "generated both / real both" in text and "minutes, every stage" in text
+
+
+def test_motion_benchmark_refuses_a_folder_without_a_table(tmp_path):
+    with pytest.raises(SystemExit, match="camera_table.json not found"):
+        read_table(tmp_path)
+    (tmp_path / "camera_table.json").write_text(json.dumps({"rows": {}, "seconds": {}, "settings": {}}))
+    with pytest.raises(SystemExit, match="older demo"):
+        read_table(tmp_path)

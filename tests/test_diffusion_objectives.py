@@ -27,6 +27,7 @@ from dit_video.diffusion import (
     vp_alpha_sigma,
     vp_alphas_cumprod,
 )
+from dit_video.diffusion.weighting import temporal_difference_mse
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "objective"
 
@@ -334,3 +335,38 @@ def test_build_objective_names_bad_fields():
         build_objective({"cond_first_frame": 0.7, "cond_prefix": 0.5})
     with pytest.raises(ValueError, match="objective.kind='vp'"):
         RectifiedFlow(FlowConfig(kind="vp"))  # a VP config cannot silently build a flow
+
+
+def test_temporal_difference_loss_scores_frame_changes_only():
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(2, 4, 5, 4, 4, generator=g)  # [B, C, T, H, W]
+    assert temporal_difference_mse(x0 + torch.randn(2, 4, 1, 4, 4, generator=g), x0).max() < 1e-10  # same error every frame
+    still = x0[:, :, :1].expand_as(x0)  # the first frame held: every change lost
+    expected = (x0[:, :, 1:] - x0[:, :, :-1]).pow(2).flatten(1).mean(1)  # [B]
+    torch.testing.assert_close(temporal_difference_mse(still, x0), expected)
+
+
+def test_temporal_weight_adds_the_x0_frame_change_error_to_the_loss():
+    latents = torch.randn(3, 4, 5, 4, 4, generator=torch.Generator().manual_seed(0))
+    text = (torch.zeros(3, 2, 8), torch.ones(3, 2, dtype=torch.bool))
+
+    def still_model(x_in, t, text_emb, text_mask):  # predicts a velocity whose x_0 has no motion
+        return x_in - x_in[:, :, :1]
+
+    base, aux = RectifiedFlow(FlowConfig()).loss(still_model, latents, *text, generator=torch.Generator().manual_seed(1))
+    flow = RectifiedFlow(FlowConfig(temporal_weight=2.0))
+    with_term, aux_t = flow.loss(still_model, latents, *text, generator=torch.Generator().manual_seed(1))
+    t = aux["t"].view(-1, 1, 1, 1, 1)
+    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(1))  # loss's first draw
+    x_t = (1 - t) * latents + t * noise
+    x0_pred = x_t - t * still_model(x_t, None, None, None)  # [B, C, T, H, W]
+    term = temporal_difference_mse(x0_pred, latents)  # [B], > 0: the model's clips do not move
+    assert term.min() > 0.1
+    torch.testing.assert_close(aux_t["loss_per_sample"], aux["loss_per_sample"] + 2.0 * term)
+    torch.testing.assert_close(with_term, base + 2.0 * term.mean())
+    with pytest.raises(ValueError, match="temporal_weight"):
+        RectifiedFlow(FlowConfig(temporal_weight=-1.0))
+    with pytest.raises(ValueError, match="per_frame_t"):
+        RectifiedFlow(FlowConfig(temporal_weight=1.0, per_frame_t=True))
+    with pytest.raises(ValueError, match="data.packing"):
+        flow.loss_packed(still_model, [latents[0]], *text)

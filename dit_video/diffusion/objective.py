@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from dit_video.diffusion.conditioning import draw_cond_mask, hold_cond_frames
 from dit_video.diffusion.schedules import shift_time, token_shift
 from dit_video.diffusion.timestep_sampling import MODE_SCALE_RANGE, TIMESTEP_SAMPLINGS, sample_timesteps
-from dit_video.diffusion.weighting import LOSS_WEIGHTINGS, min_snr_weight
+from dit_video.diffusion.weighting import LOSS_WEIGHTINGS, min_snr_weight, temporal_difference_mse
 
 
 @dataclass
@@ -37,28 +37,17 @@ class ObjectiveConfig:
     logit_std: float = 1.0  # std of n for logit-normal sampling
     mode_scale: float = 1.29  # s of mode sampling, in [-1, 2/(pi-2)]; > 0 favours mid-range t, 0 is uniform
     shift: float = 1.0  # time shift s: t' = s t / (1 + (s - 1) t); s > 1 spends more steps at high noise
-    shift_base_tokens: int = (
-        0  # > 0: per-sample shift = shift * sqrt(tokens / shift_base_tokens) (SD3 eq. 23); 0: shift as given
-    )
-    patch_size: tuple[int, int, int] = (
-        1,
-        2,
-        2,
-    )  # tokens per sample = T*H*W / prod(patch_size); keep equal to model.patch_size
+    shift_base_tokens: int = 0  # > 0: per-sample shift = shift * sqrt(tokens / shift_base_tokens) (SD3 eq. 23); 0: as given
+    patch_size: tuple[int, int, int] = (1, 2, 2)  # tokens per sample = T*H*W / prod(patch_size); = model.patch_size
     loss_weighting: str = "none"  # "none" (plain MSE on the target), "min_snr" (Hang et al. 2023) or "objective" (the kind's own loss, see native_target)
     min_snr_gamma: float = 5.0  # gamma of min-SNR weighting (5 in the paper and Open-Sora-Plan)
-    caption_dropout: float = (
-        0.1  # probability of training with the empty caption, for classifier-free guidance
-    )
-    cond_first_frame: float = (
-        0.0  # probability a sample trains image-to-video (first latent frame given, clean, no loss)
-    )
-    cond_prefix: float = (
-        0.0  # probability a sample trains video extension (first k latent frames given, k ~ U{1..T-1})
-    )
+    caption_dropout: float = 0.1  # probability of training with the empty caption, for classifier-free guidance
+    cond_first_frame: float = 0.0  # probability a sample trains image-to-video (first latent frame given, clean, no loss)
+    cond_prefix: float = 0.0  # probability a sample trains video extension (first k latent frames given, k ~ U{1..T-1})
     cond_random: float = 0.0  # probability a sample trains with randomly masked (given) latent frames
     cond_random_frame_prob: float = 0.5  # within random masking, probability each latent frame is given
     per_frame_t: bool = False  # diffusion forcing (Chen et al. 2024): an independent t per latent frame (per temporal patch), t [B, T]
+    temporal_weight: float = 0.0  # weight of the x_0 temporal-difference loss (weighting.py); 0 = off
 
     def validate(self) -> None:
         if self.timestep_sampling not in TIMESTEP_SAMPLINGS:
@@ -84,6 +73,8 @@ class ObjectiveConfig:
             raise ValueError(
                 f"objective.loss_weighting={self.loss_weighting!r}: use one of {LOSS_WEIGHTINGS}"
             )
+        if self.temporal_weight < 0 or (self.temporal_weight > 0 and self.per_frame_t):
+            raise ValueError(f"objective.temporal_weight={self.temporal_weight} must be >= 0, and 0 with per_frame_t")
         if self.min_snr_gamma <= 0:
             raise ValueError(f"objective.min_snr_gamma={self.min_snr_gamma} must be > 0")
         if not 0.0 <= self.caption_dropout < 1.0:
@@ -309,6 +300,9 @@ class Objective:
             kept = keep.expand_as(err).flatten(1).sum(1).clamp(min=1)  # [B] elements that count
             mse_per_sample = (err * keep).flatten(1).sum(1) / kept  # [B]
         loss_per_sample = mse_per_sample * self.loss_weight(t.float())  # [B]
+        if self.cfg.temporal_weight > 0:  # frame-to-frame change of the predicted clean latents: the motion
+            x0_pred, _ = self.predict_x0_eps(pred.float(), x_t.float(), t.float())  # [B, C, T, H, W]
+            loss_per_sample = loss_per_sample + self.cfg.temporal_weight * temporal_difference_mse(x0_pred, latents.float())
         aux = {
             "t": t.detach(),
             "loss_per_sample": loss_per_sample.detach(),
@@ -340,6 +334,8 @@ class Objective:
         """
         if self.cfg.per_frame_t:  # forward_packed takes one t per clip
             raise ValueError("objective.per_frame_t=true does not work with data.packing yet; turn one of them off")
+        if self.cfg.temporal_weight > 0:
+            raise ValueError("objective.temporal_weight > 0 does not work with data.packing yet; turn one of them off")
         noisy, noises, times, masks = [], [], [], []
         for x in latents:
             x = x[None]  # [1, C, T, H, W]

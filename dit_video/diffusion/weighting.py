@@ -19,6 +19,15 @@ def min_snr_weight(snr: torch.Tensor, x0_scale: torch.Tensor, gamma: float) -> t
     return torch.clamp(snr, max=gamma) * x0_scale**2
 
 
+def temporal_difference_mse(x0_pred: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+    """Per-sample MSE [B] between the frame-to-frame changes of predicted and true clean latents,
+    both [B, C, T, H, W]. Camera motion lives in these changes, a small share of the plain MSE next
+    to the static content, so a model can lower the MSE a long way with near-still clips; this term
+    scores the changes alone (0 for a prediction off by the same amount in every frame)."""
+    diff = (x0_pred[:, :, 1:] - x0_pred[:, :, :-1]) - (x0[:, :, 1:] - x0[:, :, :-1])  # [B, C, T - 1, H, W]
+    return diff.pow(2).flatten(1).mean(1)
+
+
 def loss_by_t_bucket(t: torch.Tensor, loss_per_sample: torch.Tensor, num_buckets: int = 10):
     """Mean loss per t bucket: t [B] in [0, 1], loss [B] -> (mean [K] (NaN when empty), count [K]).
 

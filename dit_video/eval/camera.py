@@ -11,15 +11,18 @@ and the camera demo.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from dit_video.data.browse import browse_shards
+from dit_video.data.camera import camera_caption, camera_combinations
 from dit_video.data.latents import CACHE_FILE
 from dit_video.encoders.base import clip_to_video, video_to_clip
 from dit_video.metrics.motion import SceneClassifier, camera_scores, motion_fidelity
+from dit_video.pipeline import Pipeline
 
 NUM_REFERENCES = 420  # training clips read as scene references (20 per caption of the camera set)
 
@@ -107,3 +110,45 @@ def format_table(rows: dict) -> str:
     if "vae_motion_fidelity" in rows:
         notes.append(f"VAE motion fidelity {rows['vae_motion_fidelity']['motion_fidelity']:.2f}")
     return "\n".join(lines + ["", "; ".join(notes)])
+
+
+def camera_prompts(seeds_per_prompt: int) -> tuple[list[str], list[int]]:
+    """Every (scene, motion) caption of the camera set, `seeds_per_prompt` times: (prompts, seeds);
+    seed 1000 * s + i for the s-th repeat of caption i, so more repeats keep the first ones' clips."""
+    if seeds_per_prompt < 1:
+        raise ValueError(f"seeds_per_prompt={seeds_per_prompt}: must be >= 1")
+    captions = [camera_caption(s, m) for s, m in camera_combinations()]
+    prompts = [c for _ in range(seeds_per_prompt) for c in captions]
+    seeds = [1000 * s + i for s in range(seeds_per_prompt) for i in range(len(captions))]
+    return prompts, seeds
+
+
+def run_sample_settings(pipe: Pipeline, steps: int | None = None, cfg: float | None = None,
+                        shift: float | None = None) -> dict:
+    """Sampler settings for the camera table: the run's own eval.samples (conf/eval/camera.yaml,
+    recorded in its checkpoint), each replaced by an argument that is not None."""
+    recorded = pipe.meta["config"]["eval"]["samples"]
+    chosen = {"steps": steps, "cfg": cfg, "shift": shift}
+    return {"sampler": recorded["sampler"]} | {k: recorded[k] if v is None else v for k, v in chosen.items()}
+
+
+def measure_camera(ckpt: str | Path, train_shards, held_out_shards, seeds_per_prompt: int,
+                   steps: int | None = None, cfg: float | None = None, shift: float | None = None) -> dict:
+    """Sample every camera caption from checkpoint `ckpt` and score real held-out clips, their VAE
+    reconstructions and the samples with one scorer (scene references: `train_shards`).
+
+    Returns {"rows": camera_table rows, "seconds": {"sample", "score"}, "settings", "prompts",
+    "seeds", "generated": uint8 [N, T, H, W, 3], "fps"}."""
+    t0 = time.perf_counter()
+    pipe = Pipeline.from_checkpoint(ckpt)
+    settings = run_sample_settings(pipe, steps, cfg, shift) | {"checkpoint": str(ckpt)}
+    prompts, seeds = camera_prompts(seeds_per_prompt)
+    generated = pipe.generate(prompts, seeds, steps=settings["steps"], cfg=settings["cfg"], shift=settings["shift"],
+                              sampler=settings["sampler"])
+    t_sample = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    real, real_captions = read_clips(held_out_shards, limit=10_000)
+    rows = camera_table(CameraScorer(train_shards), real, real_captions, reconstruct(pipe.vae, real), generated, prompts)
+    return {"rows": rows, "seconds": {"sample": t_sample, "score": time.perf_counter() - t0}, "settings": settings,
+            "prompts": prompts, "seeds": seeds, "generated": generated, "fps": pipe.fps}
