@@ -61,12 +61,10 @@ class DiTModule(FrozenEncodersMixin, L.LightningModule):
         self.t_bucket_count = torch.zeros(T_BUCKETS, dtype=torch.long)
 
     @property
-    def ema(self) -> torch.nn.Module:
-        """The EMA copy of the DiT (fp32; sharded like the DiT under FSDP2). A LoRA run keeps no copy:
-        use `weights("ema")`."""
-        if self.lora is not None:
-            raise AttributeError("a LoRA run's EMA holds the adapters only: use `with module.weights('ema') as dit`")
-        return self.ema_weights.module
+    def ema(self):
+        """The EMA copy of the DiT (fp32; sharded like the DiT under FSDP2). A LoRA run keeps no copy, only
+        its EMA adapters, here as nested attributes (no module: run it with `weights("ema")`)."""
+        return self.ema_weights.tree if self.lora is not None else self.ema_weights.module
 
     @contextlib.contextmanager
     def weights(self, kind: str):

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -187,6 +188,21 @@ class AdapterEMA:
             if k in self.tensors:
                 self.tensors[k].copy_(v)
         return sorted(set(self.tensors) - set(state)), sorted(set(state) - set(self.tensors))
+
+    @property
+    def tree(self) -> SimpleNamespace:
+        """The EMA tensors as nested attributes (`tree.blocks.0.attn.qkv.lora_A.default.weight`): what
+        torch.distributed.checkpoint walks to place the `ema.*` keys of the state dict. Not a module."""
+        root = SimpleNamespace()
+        for name, tensor in self.tensors.items():
+            *path, leaf = name.split(".")
+            node = root
+            for part in path:
+                if not hasattr(node, part):
+                    setattr(node, part, SimpleNamespace())
+                node = getattr(node, part)
+            setattr(node, leaf, tensor)
+        return root
 
     @contextlib.contextmanager
     def applied(self, dit: nn.Module):
