@@ -27,6 +27,7 @@ from dit_video.run import train
 
 pytest.importorskip("diffusers")
 pytest.importorskip("peft")
+pytestmark = pytest.mark.slow  # ~25 s on 2 cores: the module fixture trains 12 steps through train.py
 
 PROMPTS = ["a red square moving left", "a blue circle moving up"]
 
