@@ -33,6 +33,8 @@ from dit_video.encoders.pretrained_vae import PretrainedVAEConfig, load_pretrain
 from dit_video.encoders.text import minilm_path
 from dit_video.encoders.text_concat import build_text_encoder as build_text_encoders
 from dit_video.errors import CheckpointError, ConfigError
+from dit_video.files import sha256_file
+from dit_video.lora import LoRAConfig, apply_lora
 from dit_video.model import DIT_PRESETS, DiT, DiTConfig
 from dit_video.parallel import SP_ATTENTIONS
 from dit_video.strategies import StrategyConfig
@@ -123,6 +125,29 @@ def init_dit_from(dit: DiT, path: str) -> None:
         raise ConfigError(f"init_from={path}: {difference}; use the model config the weights were converted for "
                           "(e.g. model=wan2_1_t2v_1_3b) or convert them again")
     dit.load_state_dict(state)
+
+
+def build_lora(cfg: DictConfig, dit: DiT, meta: dict) -> LoRAConfig | None:
+    """`lora:` (null = off): peft LoRA adapters on `dit`, whose weights (init_from's, loaded already) freeze.
+    Records the adapter config and the frozen file's path and sha256 in `meta["lora"]`: a LoRA run's
+    checkpoints hold only the adapters, and sampling/export merge them onto that file."""
+    if cfg.lora is None:
+        return None
+    lora = dataclass_from(LoRAConfig, cfg.lora, "lora")
+    try:
+        lora.validate()
+        if not cfg.init_from:
+            raise ValueError("lora: adapters train on frozen weights: set init_from=PATH (python -m dit_video.convert "
+                             "writes it), or lora=null to train every weight")
+        if cfg.strategy.kind == "deepspeed":
+            raise ValueError(f"lora: strategy={cfg.strategy.kind} is not supported with LoRA; use strategy=ddp or fsdp")
+        apply_lora(dit, lora)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    base = str(cfg.init_from)
+    digest = once_per_node(json.dumps({"lora_base": files_key([base])}), lambda: {"sha256": sha256_file(base)})
+    meta["lora"] = lora.to_dict() | {"base": base, "base_sha256": digest["sha256"]}
+    return lora
 
 
 def build_objective_from(cfg: DictConfig):

@@ -153,11 +153,7 @@ def parallelize_dit_module(module: nn.Module, cfg: ParallelConfig, mesh=None):
         # Only the trained DiT: the EMA lives outside the module tree, whole and fp32 (lit_module/ema.py).
         set_z3_leaf_modules(module.dit, [SelfAttention], raise_if_not_found=False)  # MMDiT blocks have none
     if cfg.fsdp:
-        from torch.distributed.fsdp import fully_shard
-
-        for block in module.ema.blocks:
-            fully_shard(block, mesh=dp_mesh)
-        fully_shard(module.ema, mesh=dp_mesh)
+        module.ema_weights.shard(module.dit, dp_mesh)  # the EMA copy sharded as the DiT (lit_module/ema.py)
     module._dit_video_parallelized, module._dit_video_sequence_group = True, group
     return group
 

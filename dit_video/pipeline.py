@@ -25,6 +25,7 @@ from dit_video.data.decode import decode_image, frame_indices, resize_crop
 from dit_video.diffusion import sample
 from dit_video.encoders.base import clip_to_video, video_to_clip
 from dit_video.errors import SampleError
+from dit_video.lora import checkpoint_dit_state
 from dit_video.model import DiT, DiTConfig
 
 COND_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -119,6 +120,8 @@ class Pipeline:
         dit = DiT(DiTConfig.from_dict(meta["dit_config"]))
         prefix = "ema." if weights == "ema" else "dit."
         state = {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+        if meta.get("lora"):  # a LoRA run's checkpoint holds adapters only: merged onto its frozen weights
+            state = checkpoint_dit_state(ckpt["state_dict"], meta, prefix)
         dit.load_state_dict(state)
         dit.eval().requires_grad_(False)
         cfg = OmegaConf.create(meta["config"])

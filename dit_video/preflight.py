@@ -52,11 +52,12 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from dit_video.build import build_dit_config
+from dit_video.build import build_dit_config, dataclass_from
 from dit_video.data.balance import CostModel
 from dit_video.data.buckets import make_buckets
 from dit_video.encoders.causal_vae import CausalVAE, CausalVAEConfig
 from dit_video.encoders.text import detect_kind, model_class
+from dit_video.lora import LoRAConfig
 from dit_video.model import DiT
 from dit_video.model.flops import dit_flops
 
@@ -209,19 +210,44 @@ def vae_encode_bytes(vae: CausalVAEConfig, frames: int, height: int, width: int,
     return float(VAE_ENCODE_COPIES * 4 * largest * batch)
 
 
-# Fine-tuning from converted weights (init_from): the GPU counts shown, and what trains. Full fine-tuning
-# trains every weight, so its rows are the FSDP + ckpt model above at each count.
-# LoRA (issue 17, part 2) adds its rows here: adapters trained, the base frozen (no grads, no moments).
+# Fine-tuning from converted weights (init_from): the GPU counts shown. Full fine-tuning trains every
+# weight, so its rows are the FSDP + ckpt model above at each count; LoRA rows (`lora_memory`) train the
+# adapters of the run's `lora:` (conf/lora/wan.yaml when the run has none) on the frozen base.
 FINETUNE_GPUS = (1, 8)
-FINETUNE_MODES = ("full",)
+
+
+def lora_parameters(model: nn.Module, lora: LoRAConfig) -> int:
+    """Adapter parameters apply_lora adds to `model`: r x (in + out) per targeted Linear."""
+    return sum(lora.rank * (m.in_features + m.out_features) for name, m in model.named_modules()
+               if isinstance(m, nn.Linear) and any(name == t or name.endswith("." + t) for t in lora.target_modules))
+
+
+def lora_memory(n_params: int, block_params: int, adapters: int, block_adapters: int, world: int, act: float,
+                frozen: float = 0.0, vae_encode: float = 0.0) -> MemoryEstimate:
+    """FSDP2 + activation checkpointing with LoRA: the frozen base sharded in float32 with two blocks gathered
+    in bf16, and no gradients, moments or EMA for it (ours keeps an EMA of the adapters only); the adapters
+    cost what full fine-tuning costs per weight. Activations as full fine-tuning: backward still runs
+    through every frozen layer to reach the adapters below it."""
+    P, A = float(n_params), float(adapters)
+    return MemoryEstimate(4 * P / world + 2 * 2 * block_params + 4 * A / world, 4 * A / world + 4 * block_adapters,
+                          8 * A / world, 4 * A / world, act, frozen=frozen, vae_encode=vae_encode)
 
 
 def finetune_rows(cfg, n_params: int, block_params: int, act: float, matmul_params: int = 0,
-                  precision: str = "bf16", frozen: float = 0.0, vae_encode: float = 0.0) -> list[tuple[str, MemoryEstimate]]:
-    """(label, memory per GPU) for fine-tuning with FSDP2 + activation checkpointing on FINETUNE_GPUS."""
-    return [(f"{mode}, {world} GPU{'s' if world > 1 else ''}",
-             memory_per_gpu(cfg, n_params, block_params, world, "FSDP", act, matmul_params, precision, frozen, vae_encode))
-            for mode in FINETUNE_MODES for world in FINETUNE_GPUS]
+                  precision: str = "bf16", frozen: float = 0.0, vae_encode: float = 0.0,
+                  lora: tuple[str, int, int] | None = None) -> list[tuple[str, MemoryEstimate]]:
+    """(label, memory per GPU) for full fine-tuning and, given lora = (name, adapter params, adapter params
+    per block), LoRA fine-tuning, with FSDP2 + activation checkpointing on FINETUNE_GPUS."""
+    def gpus(world: int) -> str:
+        return f"{world} GPU{'s' if world > 1 else ''}"
+
+    rows = [(f"full, {gpus(world)}", memory_per_gpu(cfg, n_params, block_params, world, "FSDP", act, matmul_params,
+                                                     precision, frozen, vae_encode)) for world in FINETUNE_GPUS]
+    if lora is not None:
+        name, adapters, block_adapters = lora
+        rows += [(f"{name}, {gpus(world)}", lora_memory(n_params, block_params, adapters, block_adapters, world, act,
+                                                         frozen, vae_encode)) for world in FINETUNE_GPUS]
+    return rows
 
 
 def parse_bucket(text: str) -> tuple[int, int, int]:
@@ -260,6 +286,11 @@ def main(argv: list[str] | None = None) -> None:
     n_params = sum(p.numel() for p in model.parameters())
     block_params = sum(p.numel() for p in model.blocks[0].parameters())
     matmul_params = matmul_parameters(model)
+    lora = dataclass_from(LoRAConfig, cfg.lora if cfg.lora is not None else OmegaConf.load(CONF / "lora" / "wan.yaml"),
+                          "lora").validate()
+    adapters = lora_parameters(model, lora)
+    lora_rows = (f"LoRA r{lora.rank}", adapters, lora_parameters(model.blocks[0], lora))
+    lora_note = f"rank {lora.rank}, {adapters / 1e6:.1f}M adapter parameters"
 
     vae_node = OmegaConf.to_container(cfg.vae, resolve=True)
     vae_cfg = causal_vae_config(vae_node)
@@ -307,10 +338,10 @@ def main(argv: list[str] | None = None) -> None:
                     m.params, m.grads, m.optimizer, m.ema, m.buckets, m.frozen, m.activations, m.autocast_cache,
                     m.vae_encode, m.total)))
         if cfg.init_from:  # fine-tuning converted weights: the counts people have (one GPU, one node)
-            print(f"  fine-tuning init_from, FSDP2 + ckpt ({batch} sample(s) per GPU)")
+            print(f"  fine-tuning init_from, FSDP2 + ckpt ({batch} sample(s) per GPU; LoRA: {lora_note})")
             act = activation_bytes(dit_cfg, tokens, batch, precision, True)
             for label, m in finetune_rows(dit_cfg, n_params, block_params, act, matmul_params, precision, frozen,
-                                          vae_peak):
+                                          vae_peak, lora_rows):
                 print(f"  {label:<17} " + " ".join(f"{v / GiB:7.2f}" for v in (
                     m.params, m.grads, m.optimizer, m.ema, m.buckets, m.frozen, m.activations, m.autocast_cache,
                     m.vae_encode, m.total)))

@@ -36,6 +36,7 @@ from rich.syntax import Syntax
 from dit_video.build import (
     build_data,
     build_dit_config,
+    build_lora,
     build_objective_from,
     build_parallel,
     build_text_encoder,
@@ -338,9 +339,10 @@ def train_dit(cfg: DictConfig, run_dir: Path) -> None:
     dit = DiT(dit_cfg)
     if cfg.init_from:  # start from converted weights (a released Wan); the EMA below starts from them too
         init_dit_from(dit, str(cfg.init_from))
+    lora = build_lora(cfg, dit, meta)  # lora=...: peft adapters on the frozen init_from weights (dit_video/lora.py)
     trainer = build_trainer(cfg, run_dir)
     module = DiTModule(dit, objective, vae, text_encoder, optim, float(cfg.ema_decay), meta,
-                       build_parallel(cfg), text_encoder_cache=int(cfg.text_encoder_cache))
+                       build_parallel(cfg), text_encoder_cache=int(cfg.text_encoder_cache), lora=lora)
     fit(trainer, module, datamodule, cfg, run_dir)
     _finish(trainer, run_dir)
 

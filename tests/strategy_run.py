@@ -86,8 +86,18 @@ def make_module(cfg):
     optim = _dataclass_from(OptimConfig, cfg.optim, "optim")
     parallel = build_parallel(cfg)
     meta = {"dit_config": dataclasses.asdict(dit_cfg), "latent_shape": [3, 4, 4], "config": {}}
-    return FixedNoiseDiT(DiT(dit_cfg), build_objective_from(cfg), nn.Identity(), nn.Identity(), optim,
-                         float(cfg.ema_decay), meta, parallel)
+    dit, lora = DiT(dit_cfg), None
+    if cfg.lora is not None:  # LoRA on a seeded random base (every weight random: zero-init gates would block
+        from dit_video.lora import LoRAConfig, apply_lora  # the adapters' gradients), the same in every run
+
+        base = torch.Generator().manual_seed(123)
+        with torch.no_grad():
+            for p in dit.parameters():
+                p.copy_(torch.randn(p.shape, generator=base) * 0.1)
+        lora = _dataclass_from(LoRAConfig, cfg.lora, "lora").validate()
+        apply_lora(dit, lora)
+    return FixedNoiseDiT(dit, build_objective_from(cfg), nn.Identity(), nn.Identity(), optim,
+                         float(cfg.ema_decay), meta, parallel, lora=lora)
 
 
 def full_params(module) -> dict[str, torch.Tensor]:
@@ -121,7 +131,7 @@ def probe(out: str):
         def on_train_start(self, trainer, pl_module):
             self.t_inputs: list[torch.Tensor] = []
             pl_module.dit.t_embedder.register_forward_pre_hook(lambda m, args: self.t_inputs.append(args[0].detach()))
-            self.ema_start = full_params(pl_module.ema)
+            self.ema_start = full_params(pl_module.ema) if pl_module.lora is None else {}
             self.weights = {trainer.global_step: full_params(pl_module.dit)}
             self.optim = optimizer_tensors(trainer.optimizers[0])
             self.report = {"skip_weights_same": None, "skip_optim_same": None}
@@ -143,15 +153,22 @@ def probe(out: str):
             partitioned = all(getattr(p, "ds_numel", 0) > 0 and p.numel() == 0 for p in pl_module.dit.parameters())
             self.report |= {"skipped_total": guard.skipped_total, "bad_steps": list(guard.bad_steps),
                             "t_dtype": str(first_t.dtype), "t_values": first_t.float().tolist(),
-                            "ema_dtypes": sorted({str(p.dtype) for p in pl_module.ema.parameters()}),
+                            "ema_dtypes": sorted({str(p.dtype) for p in ema_tensors(pl_module)}),
                             "dit_dtypes": sorted({str(p.dtype) for p in pl_module.dit.parameters()}),
                             "partitioned": partitioned, "ema_in_tree": any(
-                                p is q for p in pl_module.parameters() for q in pl_module.ema.parameters())}
+                                p is q for p in pl_module.parameters() for q in ema_tensors(pl_module))}
             Path(out, f"probe-{trainer.global_rank}.json").write_text(json.dumps(self.report))
             if trainer.is_global_zero:
                 torch.save({"weights": self.weights, "ema_start": self.ema_start}, Path(out, "trajectory.pt"))
 
     return Probe()
+
+
+def ema_tensors(pl_module) -> list[torch.Tensor]:
+    """The EMA's tensors: the EMA copy's parameters, or a LoRA run's EMA adapters."""
+    if pl_module.lora is None:
+        return list(pl_module.ema.parameters())
+    return list(pl_module.ema_weights.tensors.values())
 
 
 def allow_deepspeed_on_cpu() -> None:

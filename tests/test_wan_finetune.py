@@ -120,7 +120,7 @@ def test_init_from_refuses_other_configs_and_missing_files_in_one_line(finetuned
 
 
 @pytest.mark.parametrize("model", ["wan2_1_t2v_1_3b", "wan2_1_t2v_14b"])
-def test_preflight_gives_full_fine_tuning_memory_on_1_and_8_gpus(model, capsys):
+def test_preflight_gives_full_and_lora_fine_tuning_memory_on_1_and_8_gpus(model, capsys):
     preflight_main(["+experiment=wan_1_3b_finetune", f"model={model}"])
     out = capsys.readouterr().out
     rows = {m.group(1).strip(): [float(v) for v in m.group(2).split()]
@@ -130,3 +130,7 @@ def test_preflight_gives_full_fine_tuning_memory_on_1_and_8_gpus(model, capsys):
     assert eight == rows["FSDP + ckpt"]  # the experiment's own node: 8 GPUs, FSDP2 + activation checkpointing
     assert one[2] == pytest.approx(8 * eight[2], rel=0.01)  # AdamW moments: all on one GPU, an eighth on eight
     assert one[-1] > eight[-1]
+    lora_one, lora_eight = rows["LoRA r32, 1 GPU"], rows["LoRA r32, 8 GPUs"]  # conf/lora/wan.yaml's rank
+    assert lora_one[1] < 0.05 * one[1] and lora_one[2] < 0.05 * one[2]  # no gradients or moments for the base
+    assert lora_one[-1] < one[-1] and lora_eight[-1] < eight[-1]
+    assert lora_eight[6] == eight[6]  # the same activations: backward runs through every frozen layer

@@ -240,27 +240,37 @@ def wan_to_dit_state(wan: dict[str, torch.Tensor], cfg: DiTConfig, source: str =
 
 def dit_to_wan_state(state: dict[str, torch.Tensor], cfg: DiTConfig) -> dict[str, torch.Tensor]:
     """Our DiT state dict (a Wan-layout cfg, see wan_config_from_dit) -> WanTransformer3DModel names and layout."""
-    heads, D = cfg.num_heads, cfg.hidden_size
     out: dict[str, torch.Tensor] = {}
     for ours, names in key_map(cfg):
-        tensor = state[ours]
-        if ours.endswith(".attn.qkv.weight") or ours.endswith(".attn.qkv.bias"):
-            q, k, v = tensor.chunk(3)
-            parts = [_halves_to_pairs(q, heads), _halves_to_pairs(k, heads), v]
-        elif _rope_rows(ours):
-            parts = [_halves_to_pairs(tensor, heads)]
-        elif len(names) > 1:
-            parts = list(tensor.chunk(len(names)))
-        elif ours == "x_embedder.proj.weight":
-            parts = [tensor.reshape(D, cfg.in_channels, *cfg.patch_size)]  # Linear -> Conv3d weight
-        elif ours.startswith("final_layer.linear."):
-            parts = [_patch_rows(tensor, cfg, to_ours=False)]
-        elif ours.endswith("modulation"):
-            parts = [tensor[None]]  # [6, D] -> [1, 6, D], [2, D] -> [1, 2, D]
-        else:
-            parts = [tensor]
-        out.update({name: part.contiguous() for name, part in zip(names, parts, strict=True)})
+        out.update(dit_to_wan_tensor(ours, names, state[ours], cfg))
     return out
+
+
+def wan_names(cfg: DiTConfig) -> dict[str, list[str]]:
+    """{our state-dict key: the Wan keys it becomes} of a Wan-layout DiT."""
+    return dict(key_map(cfg))
+
+
+def dit_to_wan_tensor(ours: str, names: list[str], tensor: torch.Tensor, cfg: DiTConfig) -> dict[str, torch.Tensor]:
+    """One tensor of ours -> its Wan tensor(s). Only the rows (dim 0) move for a Linear weight, so a LoRA
+    up-projection B [out, r] of that Linear converts with the same call (dit_video/lora.py)."""
+    heads, D = cfg.num_heads, cfg.hidden_size
+    if ours.endswith(".attn.qkv.weight") or ours.endswith(".attn.qkv.bias"):
+        q, k, v = tensor.chunk(3)
+        parts = [_halves_to_pairs(q, heads), _halves_to_pairs(k, heads), v]
+    elif _rope_rows(ours):
+        parts = [_halves_to_pairs(tensor, heads)]
+    elif len(names) > 1:
+        parts = list(tensor.chunk(len(names)))
+    elif ours == "x_embedder.proj.weight":
+        parts = [tensor.reshape(D, cfg.in_channels, *cfg.patch_size)]  # Linear -> Conv3d weight
+    elif ours.startswith("final_layer.linear."):
+        parts = [_patch_rows(tensor, cfg, to_ours=False)]
+    elif ours.endswith("modulation"):
+        parts = [tensor[None]]  # [6, D] -> [1, 6, D], [2, D] -> [1, 2, D]
+    else:
+        parts = [tensor]
+    return {name: part.contiguous() for name, part in zip(names, parts, strict=True)}
 
 
 def config_difference(recorded: DiTConfig, built: DiTConfig, ignore: tuple[str, ...] = ()) -> str | None:

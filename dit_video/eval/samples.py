@@ -95,16 +95,16 @@ class InTrainingSamples(L.Callback):
     @torch.no_grad()
     def sample(self, trainer, pl_module) -> np.ndarray:
         c = self.cfg
-        dit = pl_module.ema if c.weights == "ema" else pl_module.dit
-        was_training = dit.training
-        dit.eval()
-        pipe = Pipeline(dit, pl_module.vae, pl_module.text_encoder, pl_module.objective, pl_module.meta)
-        try:
-            clips, _ = sample_across_ranks(
-                lambda p, s: pipe.generate(p, s, steps=c.steps, cfg=c.cfg, shift=c.shift, sampler=c.sampler),
-                list(c.prompts), self.seeds)
-        finally:
-            dit.train(was_training)
+        with pl_module.weights(c.weights) as dit:  # the EMA copy, or a LoRA run's DiT with its EMA adapters
+            was_training = dit.training
+            dit.eval()
+            pipe = Pipeline(dit, pl_module.vae, pl_module.text_encoder, pl_module.objective, pl_module.meta)
+            try:
+                clips, _ = sample_across_ranks(
+                    lambda p, s: pipe.generate(p, s, steps=c.steps, cfg=c.cfg, shift=c.shift, sampler=c.sampler),
+                    list(c.prompts), self.seeds)
+            finally:
+                dit.train(was_training)
         if trainer.is_global_zero:
             if self.camera is None and c.probe and motion_applies(list(c.prompts)):
                 self.camera = CameraScorer(run_clip_shards(pl_module.meta["config"]["data"])[0])

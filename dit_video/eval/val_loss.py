@@ -36,8 +36,8 @@ class ValidationLoss(L.Callback):
     def evaluate(self, trainer, pl_module) -> dict[str, float] | None:
         loader = trainer.datamodule.val_dataloader() if trainer.datamodule is not None else []
         c = self.cfg
-        dit = pl_module.ema if c.weights == "ema" else pl_module.dit
-        sums, counts = held_out_sums(pl_module, dit, loader, c)  # dit in eval mode for the duration
+        with pl_module.weights(c.weights) as dit:  # the EMA copy, or a LoRA run's DiT with its EMA adapters
+            sums, counts = held_out_sums(pl_module, dit, loader, c)  # dit in eval mode for the duration
         if rank_and_world()[1] > 1:
             both = torch.stack([sums, counts])  # [2, K] on the module's device: NCCL refuses host tensors
             torch.distributed.all_reduce(both)

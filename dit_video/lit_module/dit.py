@@ -3,6 +3,8 @@ dropout, text tokens, then the objective's noise-predict-MSE."""
 
 from __future__ import annotations
 
+import contextlib
+
 import lightning as L
 import torch
 from lightning.pytorch.strategies import DeepSpeedStrategy
@@ -13,11 +15,11 @@ from dit_video.encoders.base import clip_to_video
 from dit_video.encoders.text_cache import TextEmbeddingCache
 from dit_video.lit_module.ema import (
     EMA_PREFIX,
+    AdapterEMA,
     EMAWeights,
     ema_decay_at,
     ema_from_client_state,
     ema_to_client_state,
-    ema_update,
 )
 from dit_video.lit_module.frozen import FrozenEncoders, FrozenEncodersMixin
 from dit_video.lit_module.optim import OptimConfig, build_optimizer
@@ -30,18 +32,25 @@ class DiTModule(FrozenEncodersMixin, L.LightningModule):
     """Text-to-video DiT training: clip -> latents -> noised -> DiT -> velocity loss."""
 
     def __init__(self, dit, objective, vae, text_encoder, optim: OptimConfig, ema_decay: float, meta: dict,
-                 parallel=None, text_encoder_cache: int = 0):
+                 parallel=None, text_encoder_cache: int = 0, lora=None):
         super().__init__()
         self.dit = dit
+        # dit_video.lora.LoRAConfig when `dit` carries peft adapters on frozen weights (apply_lora), else None.
+        # Then only the adapters are checkpointed (the frozen weights are init_from's) and the EMA holds
+        # only them (lit_module/ema.py, AdapterEMA).
+        self.lora = lora
         self.parallel = parallel  # dit_video.parallel.ParallelConfig applied in configure_model (None = as built)
         self.sequence_group = None  # this rank's sequence-parallel process group, set in configure_model
         # LRU of caption embeddings (0 = off): valid because the text encoder is frozen and in eval.
         self.text_cache = TextEmbeddingCache(text_encoder_cache) if text_encoder_cache > 0 else None
         # fp32 and outside the module tree (lit_module/ema.py): no strategy casts or partitions it;
         # state_dict()/load_state_dict() still carry it as `ema.*`.
-        self.ema_weights = EMAWeights(dit)
+        self.ema_weights = AdapterEMA(dit) if lora is not None else EMAWeights(dit)
         self.register_state_dict_post_hook(_ema_into_state_dict)
         self.register_load_state_dict_pre_hook(_ema_from_state_dict)
+        if lora is not None:
+            self.register_state_dict_post_hook(_frozen_out_of_state_dict)
+            self.register_load_state_dict_post_hook(_frozen_not_missing)
         # Outside the module tree (FrozenEncodersMixin): not optimised, sharded or checkpointed.
         self.frozen_encoders = FrozenEncoders(vae.requires_grad_(False).eval(), text_encoder.requires_grad_(False).eval())
         self.objective, self.optim_cfg, self.ema_decay = objective, optim, ema_decay
@@ -52,9 +61,26 @@ class DiTModule(FrozenEncodersMixin, L.LightningModule):
         self.t_bucket_count = torch.zeros(T_BUCKETS, dtype=torch.long)
 
     @property
-    def ema(self) -> torch.nn.Module:
-        """The EMA copy of the DiT (fp32; sharded like the DiT under FSDP2)."""
-        return self.ema_weights.module
+    def ema(self):
+        """The EMA copy of the DiT (fp32; sharded like the DiT under FSDP2). A LoRA run keeps no copy, only
+        its EMA adapters, here as nested attributes (no module: run it with `weights("ema")`)."""
+        return self.ema_weights.tree if self.lora is not None else self.ema_weights.module
+
+    @contextlib.contextmanager
+    def weights(self, kind: str):
+        """The DiT to run with `kind` weights: "raw" (the trained DiT) or "ema" (the EMA copy; a LoRA
+        run's trained DiT with its EMA adapters swapped in for the duration)."""
+        if kind == "raw":
+            yield self.dit
+        else:
+            with self.ema_weights.applied(self.dit) as dit:
+                yield dit
+
+    def frozen_names(self) -> set[str]:
+        """`dit.*` state-dict keys a LoRA run does not checkpoint (the frozen init_from weights)."""
+        if self.lora is None:
+            return set()
+        return {f"dit.{n}" for n, p in self.dit.named_parameters() if not p.requires_grad}
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -188,7 +214,7 @@ class DiTModule(FrozenEncodersMixin, L.LightningModule):
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         # Right after the weights move (not in on_train_batch_end, which runs after the checkpoint
         # callbacks): a checkpoint saved at this step then holds this step's EMA too.
-        ema_update(self.ema, self.dit, ema_decay_at(self.global_step + 1, self.ema_decay))
+        self.ema_weights.update(self.dit, ema_decay_at(self.global_step + 1, self.ema_decay))
 
     def configure_model(self) -> None:
         """Activation checkpointing / compile / FSDP2 from dit_video/parallel.py (called by Lightning
@@ -221,7 +247,7 @@ class DiTModule(FrozenEncodersMixin, L.LightningModule):
 def _ema_into_state_dict(module: DiTModule, state_dict, prefix, local_metadata) -> None:
     """state_dict() post-hook: the EMA (outside the module tree) under `ema.*`, as when it was a submodule."""
     if not module._ema_in_client_state():
-        module.ema.state_dict(destination=state_dict, prefix=prefix + EMA_PREFIX)
+        module.ema_weights.state_dict_into(state_dict, prefix + EMA_PREFIX)
 
 
 def _ema_from_state_dict(module: DiTModule, state_dict, prefix, local_metadata, strict, missing_keys,
@@ -231,6 +257,19 @@ def _ema_from_state_dict(module: DiTModule, state_dict, prefix, local_metadata, 
     start = prefix + EMA_PREFIX
     keys = [k for k in state_dict if k.startswith(start)]
     if keys or not module._ema_in_client_state():
-        result = module.ema.load_state_dict({k[len(start):]: state_dict.pop(k) for k in keys}, strict=False)
-        missing_keys.extend(start + k for k in result.missing_keys)
-        unexpected_keys.extend(start + k for k in result.unexpected_keys)
+        missing, unexpected = module.ema_weights.load_state_dict({k[len(start):]: state_dict.pop(k) for k in keys})
+        missing_keys.extend(start + k for k in missing)
+        unexpected_keys.extend(start + k for k in unexpected)
+
+
+def _frozen_out_of_state_dict(module: DiTModule, state_dict, prefix, local_metadata) -> None:
+    """state_dict() post-hook of a LoRA run: drop the frozen weights (they are init_from's, unchanged)."""
+    for key in module.frozen_names():
+        state_dict.pop(prefix + key, None)
+
+
+def _frozen_not_missing(module: DiTModule, incompatible_keys) -> None:
+    """load_state_dict() post-hook of a LoRA run: the frozen weights are not in its checkpoints by design."""
+    frozen = module.frozen_names()
+    kept = [k for k in incompatible_keys.missing_keys if k not in frozen]
+    incompatible_keys.missing_keys[:] = kept

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -38,6 +39,30 @@ class EMAWeights:
 
     def __init__(self, dit: nn.Module):
         self.module = copy.deepcopy(dit).requires_grad_(False).eval().float()
+
+    def shard(self, dit: nn.Module, mesh=None) -> None:
+        """FSDP2: shard the EMA copy as the DiT is (per block, then the root)."""
+        from torch.distributed.fsdp import fully_shard
+
+        for block in self.module.blocks:
+            fully_shard(block, mesh=mesh)
+        fully_shard(self.module, mesh=mesh)
+
+    def update(self, dit: nn.Module, decay: float) -> None:
+        ema_update(self.module, dit, decay)
+
+    def state_dict_into(self, destination: dict, prefix: str) -> None:
+        self.module.state_dict(destination=destination, prefix=prefix)
+
+    def load_state_dict(self, state: dict) -> tuple[list[str], list[str]]:
+        """Load `state` (not strictly); returns (missing keys, unexpected keys)."""
+        result = self.module.load_state_dict(state, strict=False)
+        return list(result.missing_keys), list(result.unexpected_keys)
+
+    @contextlib.contextmanager
+    def applied(self, dit: nn.Module):
+        """The EMA copy itself (a module of its own)."""
+        yield self.module
 
     def follow_device(self, fn) -> None:
         """Apply the device of an nn.Module `_apply` function, never its dtype: `.to(device)`,
@@ -124,3 +149,76 @@ def ema_from_client_state(ema: nn.Module, checkpoint: dict) -> None:
             torch.distributed.broadcast(tensor, src=0)
     elif saved is None:
         raise CheckpointError(f"DeepSpeed checkpoint holds no EMA ('{CLIENT_KEY}'): not written by dit-video's DiT training")
+
+
+class AdapterEMA:
+    """The EMA of a LoRA run: fp32 copies of the trainable (adapter) tensors only.
+
+    The frozen base never moves, so its EMA would equal it: shadowing 1.3B (or 14B) frozen weights
+    in fp32 would cost 4 bytes per parameter for nothing. Forwards with the EMA weights (samples,
+    held-out loss) swap the EMA adapters into the trained DiT for their duration (`applied`).
+    Under FSDP2 the copies are re-taken from the sharded adapters (`shard`): a local lerp per shard.
+    """
+
+    def __init__(self, dit: nn.Module):
+        self.tensors = _trainable_copies(dit)
+
+    def shard(self, dit: nn.Module, mesh=None) -> None:
+        self.tensors = _trainable_copies(dit)  # DTensor clones keep the adapters' sharding
+
+    def follow_device(self, fn) -> None:
+        probe = next(iter(self.tensors.values()))
+        target = fn(torch.empty(0, dtype=probe.dtype, device=probe.device)).device
+        if target != probe.device:
+            self.tensors = {k: v.to(target) for k, v in self.tensors.items()}
+
+    @torch.no_grad()
+    def update(self, dit: nn.Module, decay: float) -> None:
+        params = dict(dit.named_parameters())
+        targets = list(self.tensors.values())
+        torch._foreach_lerp_(targets, [params[k].detach().to(v.dtype) for k, v in self.tensors.items()], 1.0 - decay)
+
+    def state_dict_into(self, destination: dict, prefix: str) -> None:
+        destination.update({prefix + k: v for k, v in self.tensors.items()})
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict) -> tuple[list[str], list[str]]:
+        """Copy `state` in; returns (missing keys, unexpected keys)."""
+        for k, v in state.items():
+            if k in self.tensors:
+                self.tensors[k].copy_(v)
+        return sorted(set(self.tensors) - set(state)), sorted(set(state) - set(self.tensors))
+
+    @property
+    def tree(self) -> SimpleNamespace:
+        """The EMA tensors as nested attributes (`tree.blocks.0.attn.qkv.lora_A.default.weight`): what
+        torch.distributed.checkpoint walks to place the `ema.*` keys of the state dict. Not a module."""
+        root = SimpleNamespace()
+        for name, tensor in self.tensors.items():
+            *path, leaf = name.split(".")
+            node = root
+            for part in path:
+                if not hasattr(node, part):
+                    setattr(node, part, SimpleNamespace())
+                node = getattr(node, part)
+            setattr(node, leaf, tensor)
+        return root
+
+    @contextlib.contextmanager
+    def applied(self, dit: nn.Module):
+        """`dit` with the EMA adapters in place of its own for the duration (restored after)."""
+        params = dict(dit.named_parameters())
+        with torch.no_grad():
+            saved = {k: params[k].detach().clone() for k in self.tensors}
+            for k, v in self.tensors.items():
+                params[k].copy_(v)
+        try:
+            yield dit
+        finally:
+            with torch.no_grad():
+                for k, v in saved.items():
+                    params[k].copy_(v)
+
+
+def _trainable_copies(dit: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().float().clone() for n, p in dit.named_parameters() if p.requires_grad}
