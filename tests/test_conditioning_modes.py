@@ -196,10 +196,15 @@ def test_sample_cli_conditions_and_records_it(base, cond_files, tmp_path, field,
     torch.set_num_threads(1)  # as the CLI ran (num_threads=1): CPU bf16 kernels round differently per thread count
     try:
         want = pipe.generate(["a red square moving left"], [3], steps=2, cond_clip=frames, cond_frames=k)[0]
+        unconditioned = pipe.generate(["a red square moving left"], [3], steps=2)[0]
     finally:
         torch.set_num_threads(threads)
     got, want = decode_frames(mp4).astype(int), decode_frames(encode_mp4(want, pipe.fps)).astype(int)
-    assert got.shape == want.shape and np.abs(got - want).mean() < 1
+    # Within 2/255 on average: bf16 CPU kernels may round differently in the CLI's process than in
+    # this one (1.3 seen under pytest-xdist, < 1 in a fresh process); ignoring the condition moves
+    # the frames more (4.8 for the 1-frame image on this tiny model), which the second check measures.
+    assert got.shape == want.shape and np.abs(got - want).mean() < 2
+    assert np.abs(got - decode_frames(encode_mp4(unconditioned, pipe.fps)).astype(int)).mean() > 3  # 4.8 seen
 
 
 def test_sample_cli_cond_options_are_checked(base, cond_files):
