@@ -11,6 +11,7 @@ wrong), then 3 (2 + 1), and 1 prompt over 2.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import types
 
@@ -43,7 +44,7 @@ def held_out_batches(rank: int, even: bool = False) -> list[dict]:
 
 
 def fake_module(ema):
-    """What ValidationLoss reads of a DiTModule: the EMA, the device, the encoders, the objective, meta."""
+    """What ValidationLoss reads of a DiTModule: the weights (EMA), the device, the encoders, the objective, meta."""
     from omegaconf import OmegaConf
     from strategy_run import ROOT
 
@@ -57,6 +58,7 @@ def fake_module(ema):
 
     objective = build_objective(OmegaConf.to_container(OmegaConf.load(ROOT / "conf/objective/rectified_flow.yaml")))
     return types.SimpleNamespace(ema=ema, dit=ema, device=device, objective=objective, meta={"latent_shape": LATENT_SHAPE},
+                                 weights=lambda kind: contextlib.nullcontext(ema),  # DiTModule.weights: raw and EMA are one here
                                  encode_clips=lambda clip: clip.float(), encode_text_pooled=encode_text_pooled)
 
 

@@ -49,7 +49,9 @@ def _built_once(tmp_path_factory, name: str, build: Callable[[], dict]) -> dict:
         shared = shared.parent  # pytest-of-<user>/pytest-N: the workers' basetemps are gw0, gw1, ...
     record = shared / f"{name}.json"
     with open(shared / f"{name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if build() raises
+        # A POSIX record lock, not flock(): build() forks children (the isolated decode process)
+        # that inherit an flock() and kept the other worker waiting for minutes after we closed it.
+        fcntl.lockf(lock, fcntl.LOCK_EX)  # released when the file closes, also if build() raises
         if record.exists():
             return {k: Path(v) if k in ("shards", "vae", "run") else v for k, v in json.loads(record.read_text()).items()}
         result = build()
