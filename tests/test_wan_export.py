@@ -99,3 +99,40 @@ def test_cli_arguments_and_existing_outputs(tmp_path, capsys):
     main([f"ckpt={src}", f"out={tmp_path / 'copy.safetensors'}", "--format", "safetensors"])
     with pytest.raises(SystemExit, match="weights='best'"):
         main([f"ckpt={tmp_path / 'run'}", f"out={tmp_path / 'f'}", "weights=best"])
+
+
+def test_a_from_scratch_training_run_in_the_wan_layout_exports_to_diffusers(tmp_path_factory, tmp_path):
+    """Our own run, not converted weights: the demo recipe with the Wan layout fields, 2 steps through
+    train(); `export ckpt=<run>` gives a folder diffusers runs as our DiT with the run's EMA weights."""
+    from tiny_run import TINY_DATA, compose_train, tiny_run
+
+    from dit_video.convert.wan import dit_to_wan_state
+    from dit_video.export import dit_weights
+    from dit_video.run import train
+
+    world = tiny_run(tmp_path_factory)
+    layout = ["model.qk_norm=true", "+model.qk_norm_across_heads=true", "+model.cross_attn_norm=true",
+              "+model.final_modulation=table", "+model.text_len=16", "model.freq_dim=32",
+              f"model.rope_axes_dim=[{','.join(map(str, wan_rope_axes_dim(32)))}]"]
+    threads = torch.get_num_threads()
+    try:
+        train(compose_train("+experiment=demo", f"data.shards={world['shards']}/train-*.tar", "data.val_shards=null",
+                            *TINY_DATA, "model.depth=2", "model.hidden_size=64", "model.num_heads=2", *layout,
+                            f"vae.path={world['vae']}", "trainer.max_steps=2", "eval.samples.every_n_steps=0",
+                            f"run_dir={tmp_path / 'run'}", "trainer.enable_model_summary=false"))
+    finally:
+        torch.set_num_threads(threads)
+    out, cfg = export(tmp_path / "run", tmp_path / "diffusers")
+    _, state, _ = dit_weights(tmp_path / "run", "ema")
+    dit = DiT(cfg).eval()
+    dit.load_state_dict(state)
+    wan = load_wan(out)
+    gen = torch.Generator().manual_seed(2)
+    x, t = torch.randn(2, cfg.in_channels, 2, 4, 4, generator=gen), torch.tensor([0.2, 0.9])
+    text, mask = torch.randn(2, 7, cfg.text_dim, generator=gen), torch.tensor([[1] * 3 + [0] * 4, [1] * 7]).bool()
+    with torch.no_grad():
+        ours, theirs = dit(x, t, text, mask), wan_forward(wan, x, t, padded_text(text, mask, cfg.text_len))
+    assert cfg.qk_norm_across_heads and cfg.final_modulation == "table"
+    assert_close(ours, theirs, "output")  # small after 2 steps (zero-initialised gates): the weights below carry the test
+    loaded, exported = wan.state_dict(), dit_to_wan_state(state, cfg)
+    assert exported.keys() == loaded.keys() and all(torch.equal(loaded[k], v) for k, v in exported.items())  # the run's EMA
