@@ -162,21 +162,26 @@ class AdapterEMA:
 
     def __init__(self, dit: nn.Module):
         self.tensors = _trainable_copies(dit)
+        self._pairs = None  # (EMA tensors, the DiT's adapter parameters): found once, not at every step
 
     def shard(self, dit: nn.Module, mesh=None) -> None:
         self.tensors = _trainable_copies(dit)  # DTensor clones keep the adapters' sharding
+        self._pairs = None  # fully_shard replaced the parameters
 
     def follow_device(self, fn) -> None:
         probe = next(iter(self.tensors.values()))
         target = fn(torch.empty(0, dtype=probe.dtype, device=probe.device)).device
         if target != probe.device:
             self.tensors = {k: v.to(target) for k, v in self.tensors.items()}
+            self._pairs = None
 
     @torch.no_grad()
     def update(self, dit: nn.Module, decay: float) -> None:
-        params = dict(dit.named_parameters())
-        targets = list(self.tensors.values())
-        torch._foreach_lerp_(targets, [params[k].detach().to(v.dtype) for k, v in self.tensors.items()], 1.0 - decay)
+        if self._pairs is None:
+            params = dict(dit.named_parameters())
+            self._pairs = (list(self.tensors.values()), [params[k] for k in self.tensors])
+        targets, sources = self._pairs
+        torch._foreach_lerp_(targets, [p.detach().to(t.dtype) for t, p in zip(targets, sources, strict=True)], 1.0 - decay)
 
     def state_dict_into(self, destination: dict, prefix: str) -> None:
         destination.update({prefix + k: v for k, v in self.tensors.items()})
